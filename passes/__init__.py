@@ -1,0 +1,1 @@
+"""sparsec.passes"""
