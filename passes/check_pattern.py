@@ -1,0 +1,39 @@
+"""Prove the N:M pattern holds on every pruned weight of the final model.
+
+Precision conversion runs after pruning; a converted zero must stay zero. If it did not,
+emitting the model would be wrong, so this pass fails loudly instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sparsec.errors import SparsecError
+from sparsec.graph import tensor_to_array
+from sparsec.masks import satisfies_nm
+from sparsec.options import NMPattern
+from sparsec.pipeline import PassContext, PassResult
+from sparsec.selection import PruneTarget
+from sparsec.weights import GraphIndex, to_effective
+
+
+@dataclass
+class CheckPatternPass:
+    """Analysis-only pass: never modifies the model."""
+
+    targets: list[PruneTarget]
+    nm: NMPattern
+    name: str = "check-pattern"
+    requires: frozenset[str] = frozenset()
+
+    def run(self, ctx: PassContext) -> PassResult:
+        index = GraphIndex(ctx.model.graph)
+        for target in self.targets:
+            layer = target.layer
+            values = to_effective(tensor_to_array(index.constant(layer.source)), layer.source.steps)
+            if not satisfies_nm(values, self.nm.n, self.nm.m, layer.reduction_axis):
+                raise SparsecError(
+                    f"weight {layer.weight} of {layer.name} breaks the {self.nm} pattern after "
+                    "the rewrite; this is a sparsec bug, please report it"
+                )
+        return PassResult(self.name, False, {"checked": len(self.targets)})

@@ -1,0 +1,22 @@
+"""Convert the pruned model to fp16 or bf16: TensorRT's sparse kernels need one of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sparsec.pipeline import PassContext, PassResult
+
+
+@dataclass
+class PrecisionPass:
+    """Replace the model by its fp16/bf16 conversion (graph inputs and outputs stay fp32)."""
+
+    precision: str
+    name: str = "precision"
+    requires: frozenset[str] = frozenset()
+
+    def run(self, ctx: PassContext) -> PassResult:
+        from sparsec.runtime.precision import convert_precision
+
+        ctx.model = convert_precision(ctx.model, self.precision)
+        return PassResult(self.name, True, {"precision": self.precision})

@@ -1,0 +1,48 @@
+"""The Python API that the CLI is a thin layer over."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sparsec.compiler import compile_model
+from sparsec.inspection import InspectReport, inspect_model
+from sparsec.options import CompileOptions, NMPattern
+from sparsec.report import Report
+
+
+def compile(  # noqa: A001 - the natural name for a compiler's entry point
+    model: str | Path,
+    *,
+    output: str | Path | None = None,
+    nm: str | None = None,
+    sparsity: float | None = None,
+    method: str = "magnitude",
+    group: str = "output",
+    include: str | None = None,
+    exclude: str | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    verify: bool = True,
+    force: bool = False,
+    seed: int = 0,
+    nm_everywhere: bool = False,
+    min_params: int = 256,
+    precision: str = "fp32",
+) -> Report:
+    """Prune an ONNX model and write OUTDIR/model.onnx and OUTDIR/report.json.
+
+    Example:
+        report = sparsec.compile("model.onnx", nm="2:4", output="out/")
+        print(report.totals["sparsity"], report.verify["max_abs_diff"])
+    """
+    options = CompileOptions(
+        nm=NMPattern.parse(nm) if nm is not None else None,
+        sparsity=sparsity, method=method, group=group, include=include, exclude=exclude,
+        shapes=dict(shapes or {}), verify=verify, force=force, seed=seed,
+        nm_everywhere=nm_everywhere, min_params=min_params, precision=precision,
+    )
+    return compile_model(model, options, output)
+
+
+def inspect(model: str | Path, *, shapes: dict[str, tuple[int, ...]] | None = None) -> InspectReport:
+    """List every prunable layer with its cost and whether it already holds 2:4 / 4:8."""
+    return inspect_model(model, shapes)

@@ -1,0 +1,165 @@
+"""The `sparsec` command line: a thin layer over sparsec.api."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from sparsec import __version__, api
+from sparsec.errors import SparsecError
+from sparsec.options import parse_shapes
+
+
+class UserError(click.ClickException):
+    """A SparsecError shown as one line with its own exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def user_errors(fn):
+    """Turn SparsecError and I/O failures into one-line errors with a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SparsecError as exc:
+            raise UserError(str(exc), exc.exit_code) from None
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            raise UserError(f"I/O error{where}: {exc.strerror or exc}", 1) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sparsec")
+@click.option("-v", "--verbose", is_flag=True, help="Log what each pass does.")
+def cli(verbose: bool) -> None:
+    """sparsec: prune ONNX models for deployment.
+
+    \b
+    Examples:
+      sparsec compile model.onnx --nm 2:4 -o out/
+      sparsec compile model.onnx --sparsity 0.5 --group layer -o out/
+      sparsec inspect model.onnx --shape input_ids=1,128
+      sparsec engine out/model.onnx -o out/model.engine
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command("compile")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output directory (default: <model stem>_sparse/ beside the model).")
+@click.option("--nm", help="N:M pattern along the reduction axis, e.g. 2:4 or 4:8.")
+@click.option("--sparsity", type=float, help="Unstructured sparsity in [0, 1).")
+@click.option("--method", default="magnitude", show_default=True, help="Weight score: magnitude.")
+@click.option("--group", default="output", show_default=True,
+              type=click.Choice(["output", "layer", "input"]),
+              help="Comparison group for unstructured pruning.")
+@click.option("--include", metavar="REGEX", help="Prune only layers whose node name matches.")
+@click.option("--exclude", metavar="REGEX", help="Leave layers whose node name matches dense.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=d0,d1,...",
+              help="Fix an input's symbolic dims for verification and MAC counts (repeatable).")
+@click.option("--nm-everywhere", is_flag=True,
+              help="Apply N:M also where TensorRT cannot use it (grouped/depthwise conv, ...).")
+@click.option("--min-params", type=int, default=256, show_default=True,
+              help="Leave layers with fewer weights dense.")
+@click.option("--precision", default="fp32", show_default=True,
+              type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="Convert the output model (TensorRT's sparse kernels need fp16/bf16).")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison with the dense model.")
+@click.option("--force", is_flag=True, help="Overwrite the output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@user_errors
+def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: float | None,
+                method: str, group: str, include: str | None, exclude: str | None,
+                shapes: tuple[str, ...], nm_everywhere: bool, min_params: int, precision: str,
+                no_verify: bool, force: bool, as_json: bool, seed: int) -> None:
+    """Prune MODEL and write OUTDIR/model.onnx and OUTDIR/report.json.
+
+    \b
+    Examples:
+      sparsec compile model.onnx --nm 2:4 -o out/
+      sparsec compile model.onnx --nm 4:8 --exclude 'lm_head' --precision fp16 -o out/
+      sparsec compile model.onnx --sparsity 0.6 --shape input_ids=1,128 --json
+    """
+    from sparsec.report import summary_table
+
+    report = api.compile(
+        model, output=output, nm=nm, sparsity=sparsity, method=method, group=group,
+        include=include, exclude=exclude, shapes=parse_shapes(shapes), verify=not no_verify,
+        force=force, seed=seed, nm_everywhere=nm_everywhere, min_params=min_params,
+        precision=precision,
+    )
+    click.echo(report.to_json() if as_json else summary_table(report))
+
+
+@cli.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=d0,d1,...",
+              help="Fix an input's symbolic dims for MAC counts (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@user_errors
+def inspect_cmd(model: Path, shapes: tuple[str, ...], as_json: bool) -> None:
+    """List every prunable layer: op, weight, shape, reduction axis, params, MACs, and
+    whether the weight already satisfies 2:4 / 4:8 on TensorRT's axis.
+
+    \b
+    Examples:
+      sparsec inspect model.onnx
+      sparsec inspect bert.onnx --shape input_ids=1,128 --shape attention_mask=1,128 --json
+    """
+    from sparsec.inspection import inspect_table
+
+    report = api.inspect(model, shapes=parse_shapes(shapes))
+    click.echo(report.to_json() if as_json else inspect_table(report))
+
+
+@cli.command("engine")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Where to write the serialized TensorRT engine.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=d0,d1,...",
+              help="Shape of a dynamic input for the optimization profile (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print what TensorRT did as JSON.")
+@user_errors
+def engine_cmd(model: Path, output: Path, shapes: tuple[str, ...], as_json: bool) -> None:
+    """Build a sparse TensorRT engine from MODEL (needs tensorrt and an NVIDIA GPU).
+
+    Reads back which layers got sparse kernels; when MODEL sits in a compile output
+    directory, its report.json gains a `tensorrt.engine` section.
+
+    \b
+    Example:
+      sparsec engine out/model.onnx -o out/model.engine
+    """
+    from sparsec.runtime.engine_report import build_and_record
+
+    info = build_and_record(model, output, parse_shapes(shapes))
+    click.echo(json.dumps(info, indent=2) if as_json else _engine_summary(info))
+
+
+def _engine_summary(info: dict) -> str:
+    sparse = info.get("sparse_layers", [])
+    return (f"built {info.get('engine_path')} with TensorRT {info.get('trt_version')}: "
+            f"{len(sparse)} layers use sparse kernels" + ("".join(f"\n  {s}" for s in sparse)))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli.main(prog_name="sparsec")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

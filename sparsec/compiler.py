@@ -1,0 +1,130 @@
+"""`sparsec compile`: load, analyse, prune, convert, save, verify, report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from sparsec import __version__
+from sparsec.graph import load_model, save_model, tensor_to_array
+from sparsec.layers import LayerAnalysis, find_layers
+from sparsec.macs import fixed_input_shapes, infer_shapes, layer_macs
+from sparsec.options import CompileOptions
+from sparsec.output import check_output_dir, staged_dir
+from sparsec.passes.check_pattern import CheckPatternPass
+from sparsec.passes.precision import PrecisionPass
+from sparsec.passes.prune_weights import PruneWeightsPass
+from sparsec.pipeline import PassContext, PassResult, Pipeline
+from sparsec.report import LayerEntry, Report, totals
+from sparsec.selection import PruneTarget, select_targets
+from sparsec.weights import GraphIndex
+
+
+def build_pipeline(options: CompileOptions, targets: list[PruneTarget]) -> Pipeline:
+    """The one place that knows the order of the passes."""
+    passes = [PruneWeightsPass(targets, nm=options.nm, sparsity=options.sparsity, group=options.group)]
+    if options.precision != "fp32":
+        passes.append(PrecisionPass(options.precision))
+    if options.nm is not None:
+        passes.append(CheckPatternPass(targets, options.nm))
+    return Pipeline(passes)
+
+
+def default_output(model_path: Path) -> Path:
+    return model_path.with_name(f"{model_path.stem}_sparse")
+
+
+def compile_model(model_path: str | Path, options: CompileOptions, output: str | Path | None = None
+                  ) -> Report:
+    """Prune `model_path` as `options` say and write OUTDIR/model.onnx and report.json."""
+    model_path = Path(model_path)
+    out = Path(output) if output is not None else default_output(model_path)
+    check_output_dir(out, options.force)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    loaded = load_model(model_path)
+    timings["load_s"] = time.perf_counter() - start
+    model = loaded.model
+    ctx = PassContext(model)
+
+    start = time.perf_counter()
+    fixed = fixed_input_shapes(model, options.shapes)
+    analysis = find_layers(model)
+    targets, skipped = select_targets(analysis, options)
+    shapes = infer_shapes(model, fixed)
+    macs = {layer.name: layer_macs(layer, model.graph.node[layer.node_index], shapes)
+            for layer in analysis.layers}
+    timings["analyze_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    results = build_pipeline(options, targets).run(ctx)
+    timings["prune_s"] = time.perf_counter() - start
+
+    with staged_dir(out, options.force) as tmp:
+        start = time.perf_counter()
+        save_model(ctx.model, tmp / "model.onnx", external=loaded.external)
+        timings["save_s"] = time.perf_counter() - start
+        verify = None
+        if options.verify:
+            from sparsec.runtime.verify import verify_models
+
+            start = time.perf_counter()
+            verify = verify_models(model_path, tmp / "model.onnx", fixed, options.seed).as_dict()
+            timings["verify_s"] = time.perf_counter() - start
+        report = _report(ctx.model, loaded.path, out, options, analysis, skipped, macs, results,
+                         verify, timings)
+        (tmp / "report.json").write_text(report.to_json())
+    return report
+
+
+def _report(model: onnx.ModelProto, model_path: Path, out: Path, options: CompileOptions,
+            analysis: LayerAnalysis, skipped, macs_by_layer: dict[str, int | None],
+            results: list[PassResult], verify, timings) -> Report:
+    index = GraphIndex(model.graph)
+    reasons = {(s.name, s.weight): s.reason for s in skipped}
+    pruned_names = {n for r in results for w in r.details.get("weights", []) for n in w.layers}
+    pattern = str(options.nm) if options.nm else f"unstructured/{options.group}"
+    entries: list[LayerEntry] = []
+    weight_bytes: dict[str, int] = {}
+    nonzeros_cache: dict[str, int] = {}
+    for layer in analysis.layers:
+        tensor = index.constant(layer.source)
+        if layer.weight not in nonzeros_cache:
+            values = tensor_to_array(tensor)
+            nonzeros_cache[layer.weight] = int(np.count_nonzero(values))
+            weight_bytes[layer.weight] = values.nbytes
+        nz = nonzeros_cache[layer.weight]
+        macs = macs_by_layer[layer.name]
+        reason = None if layer.name in pruned_names else reasons.get((layer.name, layer.weight))
+        entries.append(LayerEntry(
+            name=layer.name, op=layer.op, weight=layer.weight, shape=list(layer.shape),
+            reduction_axis=layer.reduction_axis, pattern=pattern if reason is None else "dense",
+            sparsity=1.0 - nz / layer.params, params=layer.params, nonzeros=nz, macs_dense=macs,
+            macs_nonzero=None if macs is None else int(round(macs * nz / layer.params)),
+            skipped_reason=reason,
+        ))
+    trt = {}
+    try:
+        from sparsec.runtime.tensorrt import trt_commands
+
+        trt = {"commands": trt_commands(str(out / "model.onnx"),
+                                        options.precision if options.precision != "fp32" else "fp16")}
+    except ImportError:
+        trt = {}
+    return Report(
+        sparsec_version=__version__,
+        input=str(model_path),
+        output=str(out),
+        options=options.as_dict(),
+        layers=entries,
+        totals=totals(entries, weight_bytes),
+        verify=verify,
+        skipped=[{"name": s.name, "op": s.op, "weight": s.weight, "reason": s.reason} for s in skipped],
+        passes=[{"name": r.name, "modified": r.modified, "seconds": r.seconds} for r in results],
+        timings=timings,
+        tensorrt=trt,
+    )
+

@@ -1,0 +1,103 @@
+"""`sparsec inspect`: every prunable layer, its cost, and whether it already fits 2:4 / 4:8."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparsec import __version__
+from sparsec.graph import load_model, tensor_to_array
+from sparsec.layers import find_layers
+from sparsec.macs import fixed_input_shapes, infer_shapes, layer_macs
+from sparsec.masks import satisfies_nm
+from sparsec.report import _count
+from sparsec.selection import nm_skip_reason
+from sparsec.weights import GraphIndex, to_effective
+
+PATTERNS = ((2, 4), (4, 8))
+
+
+@dataclass
+class InspectLayer:
+    name: str
+    op: str
+    weight: str
+    shape: list[int]
+    reduction_axis: int
+    params: int
+    nonzeros: int
+    macs: int | None
+    tensorrt_nm: dict[str, str | None]  # "2:4" -> None when TensorRT can use it, else why not
+    satisfies: dict[str, bool]  # "2:4" -> the weight already holds the pattern
+
+
+@dataclass
+class InspectReport:
+    sparsec_version: str
+    input: str
+    layers: list[InspectLayer]
+    totals: dict[str, Any]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2)
+
+
+def inspect_model(model_path: str | Path, shapes: dict[str, tuple[int, ...]] | None = None
+                  ) -> InspectReport:
+    """Describe every prunable layer of a model without changing anything."""
+    loaded = load_model(model_path)
+    model = loaded.model
+    analysis = find_layers(model)
+    inferred = infer_shapes(model, fixed_input_shapes(model, shapes or {}))
+    index = GraphIndex(model.graph)
+    layers = []
+    for layer in analysis.layers:
+        values = to_effective(tensor_to_array(index.constant(layer.source)), layer.source.steps)
+        layers.append(InspectLayer(
+            name=layer.name, op=layer.op, weight=layer.weight, shape=list(layer.shape),
+            reduction_axis=layer.reduction_axis, params=layer.params,
+            nonzeros=int(np.count_nonzero(values)),
+            macs=layer_macs(layer, model.graph.node[layer.node_index], inferred),
+            tensorrt_nm={f"{n}:{m}": nm_skip_reason(layer, m) for n, m in PATTERNS},
+            satisfies={f"{n}:{m}": satisfies_nm(values, n, m, layer.reduction_axis)
+                       for n, m in PATTERNS},
+        ))
+    unique = {e.weight: e for e in layers}
+    known = [e.macs for e in layers if e.macs is not None]
+    return InspectReport(
+        sparsec_version=__version__,
+        input=str(loaded.path),
+        layers=layers,
+        totals={"layers": len(layers), "params": sum(e.params for e in unique.values()),
+                "nonzeros": sum(e.nonzeros for e in unique.values()), "macs": sum(known),
+                "macs_unknown_layers": len(layers) - len(known)},
+        skipped=[{"name": s.name, "op": s.op, "reason": s.reason} for s in analysis.skipped],
+    )
+
+
+def inspect_table(report: InspectReport) -> str:
+    rows = [("layer", "op", "shape", "axis", "params", "MACs", "TRT 2:4", "has 2:4", "has 4:8")]
+    for e in report.layers:
+        rows.append((e.name, e.op, "x".join(map(str, e.shape)), str(e.reduction_axis),
+                     f"{e.params:,}", _count(e.macs),
+                     "yes" if e.tensorrt_nm["2:4"] is None else "no",
+                     "yes" if e.satisfies["2:4"] else "no", "yes" if e.satisfies["4:8"] else "no"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    t = report.totals
+    lines.append(f"\n{t['layers']} prunable layers, {t['params']:,} weights, {_count(t['macs'])} MACs")
+    for e in report.layers:
+        if e.tensorrt_nm["2:4"] is not None:
+            lines.append(f"not TensorRT 2:4: {e.name}: {e.tensorrt_nm['2:4']}")
+    for s in report.skipped:
+        lines.append(f"not prunable: {s['name']} ({s['op']}): {s['reason']}")
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""Multiply-accumulate counts with the field's formulas, from inferred activation shapes.
+
+Conv: M·(C/g)·R·S·E·F per sample (= batch·E·F·|W|); ConvTranspose: batch·H_in·W_in·|W|;
+Gemm/MatMul: rows·K·N. Non-zero MACs scale with the kept fraction of the weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx
+
+from sparsec.errors import SparsecError
+from sparsec.layers import Layer
+
+_LARGE = 64  # initializers above this many elements are never shape data
+
+
+def fixed_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Every real graph input's concrete shape: --shape values, else symbolic dims as 1."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    names = [i.name for i in inputs]
+    for name in shapes:
+        if name not in names:
+            raise SparsecError(f"--shape {name}: the model has no input named {name}",
+                               f"inputs are: {', '.join(names)}")
+    fixed: dict[str, tuple[int, ...]] = {}
+    for inp in inputs:
+        dims = inp.type.tensor_type.shape.dim
+        given = shapes.get(inp.name)
+        if given is not None and len(given) != len(dims):
+            raise SparsecError(f"--shape {inp.name}: gave {len(given)} dims, the input has rank {len(dims)}")
+        out = []
+        for k, d in enumerate(dims):
+            static = d.dim_value if d.HasField("dim_value") else None
+            if given is not None and static is not None and given[k] != static:
+                raise SparsecError(f"--shape {inp.name}: dim {k} is fixed to {static} in the model, "
+                                   f"not {given[k]}")
+            out.append(given[k] if given is not None else (static or 1))
+        fixed[inp.name] = tuple(out)
+    return fixed
+
+
+def infer_shapes(model: onnx.ModelProto, fixed: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
+    """Tensor name -> concrete shape, by ONNX shape inference on a weight-free copy."""
+    g = model.graph
+    small = [t for t in g.initializer if math.prod(t.dims) <= _LARGE]
+    large_inputs = [
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in g.initializer if math.prod(t.dims) > _LARGE
+    ]
+    inputs = [
+        onnx.helper.make_tensor_value_info(i.name, i.type.tensor_type.elem_type, list(fixed[i.name]))
+        for i in g.input if i.name in fixed
+    ]
+    light_graph = onnx.helper.make_graph(list(g.node), g.name, inputs + large_inputs,
+                                         list(g.output), initializer=small)
+    light = onnx.helper.make_model(light_graph, opset_imports=list(model.opset_import),
+                                   ir_version=model.ir_version)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except Exception:  # inference is best effort: unknown shapes give unknown MACs
+        return {}
+    found: dict[str, tuple] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            found[vi.name] = tuple(d.dim_value for d in dims)
+    found.update(fixed)
+    return found
+
+
+def layer_macs(layer: Layer, node: onnx.NodeProto, shapes: dict[str, tuple]) -> int | None:
+    """Dense MACs of one layer, or None when its activation shape is unknown."""
+    weight = layer.params
+    if layer.op == "Conv":
+        out = shapes.get(node.output[0])
+        return None if out is None else out[0] * math.prod(out[2:]) * weight
+    if layer.op == "ConvTranspose":
+        inp = shapes.get(node.input[0])
+        return None if inp is None else inp[0] * math.prod(inp[2:]) * weight
+    out = shapes.get(node.output[0])
+    if out is None:
+        return None
+    if layer.op == "Gemm":
+        return out[0] * weight
+    if layer.input_index == 1:  # activation @ W[K, N]: every output row costs K·N
+        return math.prod(out[:-1]) * weight
+    return math.prod(out[:-2]) * out[-1] * weight  # W[M, K] @ activation[..., K, N]

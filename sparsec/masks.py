@@ -1,0 +1,98 @@
+"""Keep-masks from scores: N:M along the reduction axis, and unstructured by comparison group.
+
+Pure numpy. A mask is a bool array shaped like the scores; True means keep.
+Ties are broken by position (earlier wins) so masks are deterministic and exact in count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+GROUPS = ("output", "layer", "input")
+_CHUNK_ELEMENTS = 1 << 18  # keeps the comparison temporaries in cache
+
+
+def nm_mask(scores: np.ndarray, n: int, m: int, axis: int) -> np.ndarray:
+    """Keep the n highest scores in every m consecutive elements along `axis`.
+
+    This is TensorRT's layout when `axis` is the reduction axis: for a Conv weight
+    [K, C, R, S] the groups run along C for each (k, r, s).
+    """
+    shape = scores.shape
+    if shape[axis] % m:
+        raise ValueError(f"axis {axis} of length {shape[axis]} is not divisible by {m}")
+    pre = math.prod(shape[:axis]) * (shape[axis] // m)
+    post = math.prod(shape[axis + 1 :])
+    s = np.ascontiguousarray(_nan_as_inf(scores)).reshape(pre, m, post)
+    keep = np.empty(s.shape, dtype=bool)
+    step = max(1, _CHUNK_ELEMENTS // (m * post))
+    for lo in range(0, pre, step):
+        keep[lo : lo + step] = _nm_block(s[lo : lo + step], n, m)
+    return keep.reshape(shape)
+
+
+def _nm_block(s: np.ndarray, n: int, m: int) -> np.ndarray:
+    # rank[i] = how many members beat member i; one comparison settles each pair, and on a
+    # tie the earlier member wins. A member is kept when fewer than n beat it.
+    ranks = np.zeros(s.shape, dtype=np.uint8)
+    for i in range(m):
+        for j in range(i + 1, m):
+            later_wins = s[:, j] > s[:, i]
+            ranks[:, i] += later_wins
+            np.logical_not(later_wins, out=later_wins)
+            ranks[:, j] += later_wins
+    return ranks < n
+
+
+def unstructured_mask(
+    scores: np.ndarray, sparsity: float, group: str, *, output_axis: int, reduction_axis: int
+) -> np.ndarray:
+    """Remove round(sparsity·size) lowest scores in each comparison group.
+
+    group "output": each output channel's weights compete among themselves (Wanda's best);
+    "input": each input channel's; "layer": the whole tensor.
+    """
+    if group not in GROUPS:
+        raise ValueError(f"unknown comparison group {group!r}; choose one of {GROUPS}")
+    if group == "layer":
+        rows = _nan_as_inf(scores).reshape(1, -1)
+        return _lowest_k_removed(rows, sparsity).reshape(scores.shape)
+    axis = output_axis if group == "output" else reduction_axis
+    moved = np.moveaxis(_nan_as_inf(scores), axis, 0)
+    rows = moved.reshape(moved.shape[0], -1)
+    keep = _lowest_k_removed(rows, sparsity).reshape(moved.shape)
+    return np.moveaxis(keep, 0, axis)
+
+
+def _lowest_k_removed(rows: np.ndarray, sparsity: float) -> np.ndarray:
+    k = int(round(sparsity * rows.shape[1]))
+    keep = np.ones(rows.shape, dtype=bool)
+    if k <= 0:
+        return keep
+    if k >= rows.shape[1]:
+        keep[:] = False
+        return keep
+    # stable argsort breaks ties by position; argpartition alone would be arbitrary
+    order = np.argsort(rows, axis=1, kind="stable")[:, :k]
+    np.put_along_axis(keep, order, False, axis=1)
+    return keep
+
+
+def satisfies_nm(weight: np.ndarray, n: int, m: int, axis: int) -> bool:
+    """True when every m consecutive weights along `axis` hold at most n non-zeros."""
+    shape = weight.shape
+    if shape[axis] % m:
+        return False
+    pre = math.prod(shape[:axis]) * (shape[axis] // m)
+    post = math.prod(shape[axis + 1 :])
+    nonzero = np.ascontiguousarray(weight).reshape(pre, m, post) != 0
+    return bool((nonzero.sum(axis=1) <= n).all())
+
+
+def _nan_as_inf(scores: np.ndarray) -> np.ndarray:
+    # a NaN weight is never silently zeroed: it ranks highest and stays
+    if np.issubdtype(scores.dtype, np.floating) and np.isnan(scores).any():
+        return np.where(np.isnan(scores), np.inf, scores)
+    return scores

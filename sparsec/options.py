@@ -1,0 +1,116 @@
+"""Compile options as frozen data, validated once with errors that name the option."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from sparsec.errors import SparsecError
+from sparsec.masks import GROUPS
+
+METHODS = ("magnitude",)
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """Keep at most n non-zeros in every m consecutive weights along the reduction axis."""
+
+    n: int
+    m: int
+
+    @classmethod
+    def parse(cls, text: str) -> NMPattern:
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+        if not match:
+            raise SparsecError(f"--nm {text!r} is not of the form N:M", "e.g. --nm 2:4")
+        n, m = int(match.group(1)), int(match.group(2))
+        if m < 2 or n < 1 or n >= m:
+            raise SparsecError(
+                f"--nm {text}: need 1 <= N < M and M >= 2", "e.g. --nm 2:4 or --nm 4:8"
+            )
+        if m > 64:
+            raise SparsecError(f"--nm {text}: M must be at most 64")
+        return cls(n, m)
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+def parse_shapes(items: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:
+    """`NAME=d0,d1,...` items into a dict, with an error naming the bad item."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            parsed = tuple(int(d) for d in dims.split(",")) if sep and dims else None
+        except ValueError:
+            parsed = None
+        if not name or parsed is None or any(d < 1 for d in parsed):
+            raise SparsecError(f"--shape {item!r} is not NAME=d0,d1,... with positive dims",
+                               "e.g. --shape input_ids=1,128")
+        shapes[name] = parsed
+    return shapes
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Everything `sparsec compile` can be asked to do."""
+
+    nm: NMPattern | None = None
+    sparsity: float | None = None
+    method: str = "magnitude"
+    group: str = "output"
+    include: str | None = None
+    exclude: str | None = None
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    verify: bool = True
+    force: bool = False
+    seed: int = 0
+    nm_everywhere: bool = False
+    min_params: int = 256
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.nm is None and self.sparsity is None:
+            raise SparsecError("nothing to do: give --nm N:M or --sparsity S")
+        if self.nm is not None and self.sparsity is not None:
+            raise SparsecError("--nm and --sparsity are exclusive", "choose one pattern")
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+            raise SparsecError(f"--sparsity {self.sparsity} is out of range", "use 0 <= S < 1")
+        if self.method not in METHODS:
+            raise SparsecError(f"--method {self.method!r} is not available",
+                               f"choose one of {', '.join(METHODS)}")
+        if self.group not in GROUPS:
+            raise SparsecError(f"--group {self.group!r} is unknown", f"choose one of {', '.join(GROUPS)}")
+        if self.precision not in PRECISIONS:
+            raise SparsecError(f"--precision {self.precision!r} is unknown",
+                               f"choose one of {', '.join(PRECISIONS)}")
+        if self.min_params < 0:
+            raise SparsecError(f"--min-params {self.min_params} is negative")
+        for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise SparsecError(f"{flag} {pattern!r} is not a valid regex: {exc}") from None
+
+    @property
+    def pattern_name(self) -> str:
+        return f"{self.nm}" if self.nm else f"unstructured {self.sparsity:g}"
+
+    def as_dict(self) -> dict:
+        return {
+            "nm": str(self.nm) if self.nm else None,
+            "sparsity": self.sparsity,
+            "method": self.method,
+            "group": self.group,
+            "include": self.include,
+            "exclude": self.exclude,
+            "shapes": {k: list(v) for k, v in self.shapes.items()},
+            "verify": self.verify,
+            "seed": self.seed,
+            "nm_everywhere": self.nm_everywhere,
+            "min_params": self.min_params,
+            "precision": self.precision,
+        }

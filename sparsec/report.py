@@ -1,0 +1,112 @@
+"""The compile report: what was pruned or left dense, what it costs, how close it stays."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+REPORT_KEYS = ("sparsec_version", "input", "output", "options", "layers", "totals", "verify",
+               "skipped", "passes", "timings", "tensorrt")
+
+
+@dataclass
+class LayerEntry:
+    """One weight-carrying layer, pruned or not."""
+
+    name: str
+    op: str
+    weight: str
+    shape: list[int]
+    reduction_axis: int
+    pattern: str
+    sparsity: float
+    params: int
+    nonzeros: int
+    macs_dense: int | None
+    macs_nonzero: int | None
+    skipped_reason: str | None = None
+
+
+@dataclass
+class Report:
+    """Everything `sparsec compile` did; `as_dict` is the report.json schema."""
+
+    sparsec_version: str
+    input: str
+    output: str | None
+    options: dict[str, Any]
+    layers: list[LayerEntry]
+    totals: dict[str, Any]
+    verify: dict[str, Any] | None
+    skipped: list[dict[str, str]]
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    tensorrt: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2, sort_keys=False)
+
+
+def totals(layers: list[LayerEntry], weight_bytes: dict[str, int]) -> dict[str, Any]:
+    """Sums over layers; a weight shared by several layers counts once in params."""
+    seen: dict[str, LayerEntry] = {}
+    for entry in layers:
+        seen.setdefault(entry.weight, entry)
+    params = sum(e.params for e in seen.values())
+    nonzeros = sum(e.nonzeros for e in seen.values())
+    known = [e for e in layers if e.macs_dense is not None]
+    return {
+        "layers": len(layers),
+        "layers_pruned": sum(1 for e in layers if e.skipped_reason is None),
+        "params": params,
+        "nonzeros": nonzeros,
+        "sparsity": 1.0 - nonzeros / params if params else 0.0,
+        "macs_dense": sum(e.macs_dense for e in known),
+        "macs_nonzero": sum(e.macs_nonzero or 0 for e in known),
+        "macs_unknown_layers": len(layers) - len(known),
+        "bytes_dense": sum(weight_bytes.get(w, 0) for w in seen),
+    }
+
+
+def summary_table(report: Report) -> str:
+    """A readable table for stdout."""
+    rows = [("layer", "op", "shape", "pattern", "sparsity", "MACs dense", "MACs nz")]
+    for e in report.layers:
+        rows.append((
+            _clip(e.name, 40), e.op, "x".join(map(str, e.shape)),
+            e.pattern if e.skipped_reason is None else "dense",
+            f"{e.sparsity:.1%}", _count(e.macs_dense), _count(e.macs_nonzero),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    t = report.totals
+    lines.append("")
+    lines.append(f"pruned {t['layers_pruned']}/{t['layers']} layers; weights {t['params']:,} -> "
+                 f"{t['nonzeros']:,} non-zero ({t['sparsity']:.1%} sparse); MACs "
+                 f"{_count(t['macs_dense'])} -> {_count(t['macs_nonzero'])}")
+    for s in report.skipped:
+        lines.append(f"left dense: {s['name']} ({s['op']}): {s['reason']}")
+    if report.verify:
+        v = report.verify
+        lines.append(f"verify: max |diff| {v['max_abs_diff']:.3g}, mean |diff| {v['mean_abs_diff']:.3g}")
+    if report.output:
+        lines.append(f"wrote {report.output}")
+    return "\n".join(lines)
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1):]

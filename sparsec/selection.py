@@ -1,0 +1,80 @@
+"""Which found layers a compile prunes, and the reason for every one it leaves dense.
+
+Pure analysis over a LayerAnalysis and the options.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sparsec.layers import Layer, LayerAnalysis, Skipped
+from sparsec.options import CompileOptions
+
+
+@dataclass(frozen=True)
+class PruneTarget:
+    """One stored weight to prune, with every layer that reads it (same layout)."""
+
+    layers: tuple[Layer, ...]
+
+    @property
+    def weight(self) -> str:
+        return self.layers[0].weight
+
+    @property
+    def layer(self) -> Layer:
+        return self.layers[0]
+
+
+def nm_skip_reason(layer: Layer, m: int, everywhere: bool = False) -> str | None:
+    """Why an N:M pattern does not go on this layer, or None when it does.
+
+    By default only layers TensorRT's sparse tensor cores run go sparse: Conv with group 1
+    and Gemm/MatMul, with the reduction dimension divisible by M.
+    """
+    k = layer.reduction_dim
+    if layer.op == "ConvTranspose" and layer.groups > 1:
+        k = k // layer.groups
+    if k % m:
+        return f"reduction dimension {k} is not divisible by {m}"
+    if everywhere:
+        return None
+    if layer.op == "Conv" and layer.groups > 1:
+        kind = "depthwise" if layer.shape[1] == 1 else "grouped"
+        return (f"{kind} Conv (group={layer.groups}) has no TensorRT sparse kernels;"
+                " --nm-everywhere prunes it anyway")
+    if layer.op == "ConvTranspose":
+        return "ConvTranspose has no TensorRT sparse kernels; --nm-everywhere prunes it anyway"
+    return None
+
+
+def select_targets(
+    analysis: LayerAnalysis, options: CompileOptions
+) -> tuple[list[PruneTarget], list[Skipped]]:
+    """Split the analysis into weights to prune and layers left dense (with reasons)."""
+    include = re.compile(options.include) if options.include else None
+    exclude = re.compile(options.exclude) if options.exclude else None
+    targets: list[PruneTarget] = []
+    skipped: list[Skipped] = list(analysis.skipped)
+    for weight, users in analysis.by_weight().items():
+        reason = _reason(users, options, include, exclude)
+        if reason is None:
+            targets.append(PruneTarget(tuple(users)))
+        else:
+            skipped.extend(Skipped(u.name, u.op, weight, reason) for u in users)
+    return targets, skipped
+
+
+def _reason(users, options, include, exclude) -> str | None:
+    names = [u.name for u in users]
+    if include is not None and not any(include.search(n) for n in names):
+        return f"not matched by --include {include.pattern!r}"
+    if exclude is not None and any(exclude.search(n) for n in names):
+        return f"excluded by --exclude {exclude.pattern!r}"
+    layer = users[0]
+    if layer.params < options.min_params:
+        return f"too small: {layer.params} weights < --min-params {options.min_params}"
+    if options.nm is not None:
+        return nm_skip_reason(layer, options.nm.m, options.nm_everywhere)
+    return None
