@@ -33,19 +33,18 @@ def nm_skip_reason(layer: Layer, m: int, everywhere: bool = False) -> str | None
     By default only layers TensorRT's sparse tensor cores run go sparse: Conv with group 1
     and Gemm/MatMul, with the reduction dimension divisible by M.
     """
+    if not everywhere:
+        if layer.op == "Conv" and layer.groups > 1:
+            kind = "depthwise" if layer.shape[1] == 1 else "grouped"
+            return (f"{kind} Conv (group={layer.groups}) has no TensorRT sparse kernels;"
+                    " --nm-everywhere prunes it anyway")
+        if layer.op == "ConvTranspose":
+            return "ConvTranspose has no TensorRT sparse kernels; --nm-everywhere prunes it anyway"
     k = layer.reduction_dim
     if layer.op == "ConvTranspose" and layer.groups > 1:
         k = k // layer.groups
     if k % m:
         return f"reduction dimension {k} is not divisible by {m}"
-    if everywhere:
-        return None
-    if layer.op == "Conv" and layer.groups > 1:
-        kind = "depthwise" if layer.shape[1] == 1 else "grouped"
-        return (f"{kind} Conv (group={layer.groups}) has no TensorRT sparse kernels;"
-                " --nm-everywhere prunes it anyway")
-    if layer.op == "ConvTranspose":
-        return "ConvTranspose has no TensorRT sparse kernels; --nm-everywhere prunes it anyway"
     return None
 
 
