@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sparsec.errors import SparsecError
-from sparsec.graph import tensor_to_array
 from sparsec.masks import satisfies_nm
 from sparsec.options import NMPattern
 from sparsec.pipeline import PassContext, PassResult
@@ -30,7 +29,7 @@ class CheckPatternPass:
         index = GraphIndex(ctx.model.graph)
         for target in self.targets:
             layer = target.layer
-            values = to_effective(tensor_to_array(index.constant(layer.source)), layer.source.steps)
+            values = to_effective(ctx.store.read(index.constant(layer.source)), layer.source.steps)
             if not satisfies_nm(values, self.nm.n, self.nm.m, layer.reduction_axis):
                 raise SparsecError(
                     f"weight {layer.weight} of {layer.name} breaks the {self.nm} pattern after "

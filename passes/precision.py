@@ -18,5 +18,6 @@ class PrecisionPass:
     def run(self, ctx: PassContext) -> PassResult:
         from sparsec.runtime.precision import convert_precision
 
+        ctx.store.materialize(ctx.model)  # the converter needs every value in memory
         ctx.model = convert_precision(ctx.model, self.precision)
         return PassResult(self.name, True, {"precision": self.precision})

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sparsec.graph import tensor_to_array, write_array
-from sparsec.masks import nm_mask, unstructured_mask
+from sparsec.masks import apply_mask, nm_mask, unstructured_mask
 from sparsec.options import NMPattern
 from sparsec.pipeline import PassContext, PassResult
 from sparsec.scores import ScoreFn, magnitude
 from sparsec.selection import PruneTarget
+from sparsec.tensors import TensorStore
 from sparsec.weights import GraphIndex, to_effective, to_stored
 
 
@@ -45,14 +45,14 @@ class PruneWeightsPass:
 
     def run(self, ctx: PassContext) -> PassResult:
         index = GraphIndex(ctx.model.graph)
-        pruned = [self._prune(index, t) for t in self.targets]
+        pruned = [self._prune(index, ctx.store, t) for t in self.targets]
         modified = any(p.nonzeros != p.nonzeros_before for p in pruned)
         return PassResult(self.name, modified, {"weights": pruned})
 
-    def _prune(self, index: GraphIndex, target: PruneTarget) -> PrunedWeight:
+    def _prune(self, index: GraphIndex, store: TensorStore, target: PruneTarget) -> PrunedWeight:
         layer = target.layer
         tensor = index.constant(layer.source)
-        stored = tensor_to_array(tensor)
+        stored = store.read(tensor)
         effective = to_effective(stored, layer.source.steps)
         scores = self.score(layer, effective)
         if self.nm is not None:
@@ -63,10 +63,10 @@ class PruneWeightsPass:
                                      output_axis=layer.output_axis,
                                      reduction_axis=layer.reduction_axis)
             pattern = f"unstructured/{self.group}"
+        pruned = apply_mask(stored, to_stored(keep, layer.source.steps))
         before = int(np.count_nonzero(stored))
-        np.copyto(stored, 0, where=~to_stored(keep, layer.source.steps))
-        after = int(np.count_nonzero(stored))
+        after = int(np.count_nonzero(pruned))
         if after != before:
-            write_array(tensor, stored)
+            store.write(tensor, pruned)
         return PrunedWeight(layer.weight, tuple(u.name for u in target.layers), pattern,
                             stored.size, before, after)

@@ -6,10 +6,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from sparsec import __version__
-from sparsec.graph import load_model, save_model, tensor_to_array
+from sparsec.graph import load_model, save_model
 from sparsec.layers import LayerAnalysis, find_layers
 from sparsec.macs import fixed_input_shapes, infer_shapes, layer_macs
 from sparsec.options import CompileOptions
@@ -42,13 +41,13 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
     """Prune `model_path` as `options` say and write OUTDIR/model.onnx and report.json."""
     model_path = Path(model_path)
     out = Path(output) if output is not None else default_output(model_path)
-    check_output_dir(out, options.force)
+    check_output_dir(out, options.force, (model_path,))
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(model_path)
     timings["load_s"] = time.perf_counter() - start
     model = loaded.model
-    ctx = PassContext(model)
+    ctx = PassContext(model, loaded.store)
 
     start = time.perf_counter()
     fixed = fixed_input_shapes(model, options.shapes)
@@ -63,27 +62,28 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
     results = build_pipeline(options, targets).run(ctx)
     timings["prune_s"] = time.perf_counter() - start
 
-    with staged_dir(out, options.force) as tmp:
+    # the report reads final weights before saving moves them into the new data file
+    report = _report(ctx, loaded.path, out, options, analysis, skipped, macs, results)
+    with staged_dir(out, options.force, (model_path, *loaded.data_files)) as tmp:
         start = time.perf_counter()
-        save_model(ctx.model, tmp / "model.onnx", external=loaded.external)
+        save_model(ctx.model, tmp / "model.onnx", ctx.store, external=loaded.external)
         timings["save_s"] = time.perf_counter() - start
-        verify = None
         if options.verify:
             from sparsec.runtime.verify import verify_models
 
             start = time.perf_counter()
-            verify = verify_models(model_path, tmp / "model.onnx", fixed, options.seed).as_dict()
+            report.verify = verify_models(model_path, tmp / "model.onnx", fixed,
+                                          options.seed).as_dict()
             timings["verify_s"] = time.perf_counter() - start
-        report = _report(ctx.model, loaded.path, out, options, analysis, skipped, macs, results,
-                         verify, timings)
+        report.timings = timings
         (tmp / "report.json").write_text(report.to_json())
     return report
 
 
-def _report(model: onnx.ModelProto, model_path: Path, out: Path, options: CompileOptions,
+def _report(ctx: PassContext, model_path: Path, out: Path, options: CompileOptions,
             analysis: LayerAnalysis, skipped, macs_by_layer: dict[str, int | None],
-            results: list[PassResult], verify, timings) -> Report:
-    index = GraphIndex(model.graph)
+            results: list[PassResult]) -> Report:
+    index = GraphIndex(ctx.model.graph)
     reasons = {(s.name, s.weight): s.reason for s in skipped}
     pruned_names = {n for r in results for w in r.details.get("weights", []) for n in w.layers}
     pattern = str(options.nm) if options.nm else f"unstructured/{options.group}"
@@ -93,7 +93,7 @@ def _report(model: onnx.ModelProto, model_path: Path, out: Path, options: Compil
     for layer in analysis.layers:
         tensor = index.constant(layer.source)
         if layer.weight not in nonzeros_cache:
-            values = tensor_to_array(tensor)
+            values = ctx.store.read(tensor)
             nonzeros_cache[layer.weight] = int(np.count_nonzero(values))
             weight_bytes[layer.weight] = values.nbytes
         nz = nonzeros_cache[layer.weight]
@@ -121,10 +121,9 @@ def _report(model: onnx.ModelProto, model_path: Path, out: Path, options: Compil
         options=options.as_dict(),
         layers=entries,
         totals=totals(entries, weight_bytes),
-        verify=verify,
+        verify=None,
         skipped=[{"name": s.name, "op": s.op, "weight": s.weight, "reason": s.reason} for s in skipped],
         passes=[{"name": r.name, "modified": r.modified, "seconds": r.seconds} for r in results],
-        timings=timings,
         tensorrt=trt,
     )
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from sparsec import __version__
-from sparsec.graph import load_model, tensor_to_array
+from sparsec.graph import load_model
 from sparsec.layers import find_layers
 from sparsec.macs import fixed_input_shapes, infer_shapes, layer_macs
 from sparsec.masks import satisfies_nm
@@ -60,7 +60,7 @@ def inspect_model(model_path: str | Path, shapes: dict[str, tuple[int, ...]] | N
     index = GraphIndex(model.graph)
     layers = []
     for layer in analysis.layers:
-        values = to_effective(tensor_to_array(index.constant(layer.source)), layer.source.steps)
+        values = to_effective(loaded.store.read(index.constant(layer.source)), layer.source.steps)
         layers.append(InspectLayer(
             name=layer.name, op=layer.op, weight=layer.weight, shape=list(layer.shape),
             reduction_axis=layer.reduction_axis, params=layer.params,

@@ -86,6 +86,8 @@ class CompileOptions:
         if self.precision not in PRECISIONS:
             raise SparsecError(f"--precision {self.precision!r} is unknown",
                                f"choose one of {', '.join(PRECISIONS)}")
+        if self.seed < 0:
+            raise SparsecError(f"--seed {self.seed} is negative", "use a seed >= 0")
         if self.min_params < 0:
             raise SparsecError(f"--min-params {self.min_params} is negative")
         for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):

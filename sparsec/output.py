@@ -12,13 +12,26 @@ from pathlib import Path
 from sparsec.errors import SparsecError
 
 
-def check_output_dir(out: Path, force: bool) -> None:
-    """Fail early, before any work, when the output cannot be written."""
+def check_output_dir(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> None:
+    """Fail early, before any work, when the output cannot be written.
+
+    `protect` lists files (the input model and its data) that replacing OUTDIR must not delete.
+    """
+    resolved = out.resolve()
+    for path in protect:
+        if resolved == path.resolve().parent or resolved in path.resolve().parents:
+            raise SparsecError(f"output directory {out} contains the input {path}",
+                               "choose an -o outside the input's directory")
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise SparsecError(f"output directory {out} is the current directory or above it",
+                           "choose a new subdirectory for -o")
     if out.exists() and not out.is_dir():
         raise SparsecError(f"output {out} exists and is not a directory", "choose another -o")
     if out.exists() and not force:
         raise SparsecError(f"output directory {out} already exists", "pass --force to overwrite it")
     parent = out.parent
+    if parent.exists() and not parent.is_dir():
+        raise SparsecError(f"cannot write {out}: {parent} is not a directory", "choose another -o")
     if not parent.exists():
         raise SparsecError(f"cannot write {out}: parent directory {parent} does not exist",
                            "create it or choose another -o")
@@ -28,9 +41,9 @@ def check_output_dir(out: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(out: Path, force: bool) -> Iterator[Path]:
+def staged_dir(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Yield a temporary sibling of `out`; on success it replaces `out`, on error it vanishes."""
-    check_output_dir(out, force)
+    check_output_dir(out, force, protect)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as exc:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import onnx
 
 from sparsec.errors import SparsecError
+from sparsec.tensors import TensorStore
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ class PassContext:
     """What passes share: the model being rewritten and facts gathered along the way."""
 
     model: onnx.ModelProto
+    store: TensorStore
     facts: dict[str, Any] = field(default_factory=dict)
 
 

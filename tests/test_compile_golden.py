@@ -139,3 +139,51 @@ def test_unstructured_layer_group_exact_ratio(tmp_path):
     for e in report.layers:
         assert e.nonzeros == e.params - round(0.3 * e.params)
     assert report.options["group"] == "layer"
+
+
+def test_external_data_model_round_trip(tmp_path):
+    dense = GOLDEN["mlp"]()
+    src = tmp_path / "in" / "mlp.onnx"
+    src.parent.mkdir()
+    on_disk = onnx.ModelProto()
+    on_disk.CopyFrom(dense)  # onnx.save with external data rewrites the proto it is given
+    onnx.save(on_disk, src, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    before = {p.name: p.read_bytes() for p in src.parent.iterdir()}
+    report = sparsec.compile(src, nm="2:4", output=tmp_path / "out", min_params=0)
+    assert {p.name: p.read_bytes() for p in src.parent.iterdir()} == before
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data", "report.json"]
+    pruned = onnx.load(out / "model.onnx")  # loads the external data
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    for t in onnx.load(out / "model.onnx", load_external_data=False).graph.initializer:
+        info = {e.key: e.value for e in t.external_data}
+        if info:
+            assert int(info["offset"]) % 64 == 0
+    weights = initializers(pruned)
+    for node, axis in EXPECTED_AXES["mlp"].items():
+        w = weights[weight_of(dense, node)]
+        assert satisfies_nm(w, 2, 4, axis) and (w == 0).mean() == 0.5
+    dense_w = initializers(dense)
+    assert (weights["fc0.bias"] == dense_w["fc0.bias"]).all()
+    assert report.verify["max_abs_diff"] > 0
+    feeds = random_feeds(dense, SHAPES["mlp"])
+    assert run(str(out / "model.onnx"), feeds)[0].shape == (3, 10)
+
+
+def test_pruned_values_are_positive_zero_and_kept_values_bit_exact(tmp_path):
+    import numpy as np
+
+    w = np.array([[-1.0, -0.5, 2.0, -0.0], [3.0, -4.0, 0.1, -0.2]] * 4, dtype=np.float32).T
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8])
+    g = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                               "g", [x], [y], [numpy_helper.from_array(w, "w")])
+    src = tmp_path / "m.onnx"
+    onnx.save(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)]), src)
+    sparsec.compile(src, nm="2:4", output=tmp_path / "o", min_params=0)
+    got = initializers(onnx.load(tmp_path / "o" / "model.onnx"))["w"]
+    removed = got == 0
+    assert not np.signbit(got[removed & (w != 0)]).any()  # removed weights are +0.0
+    kept = ~removed
+    assert (got[kept].view(np.uint32) == w[kept].view(np.uint32)).all()

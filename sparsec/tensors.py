@@ -1,0 +1,135 @@
+"""Tensor values in and out of a model, inline or in external data files.
+
+Large models keep their weights in external files. Reading them through protobuf copies
+every byte twice, so the store reads external tensors straight from their file, keeps the
+rewritten ones aside, and `save_model` streams every tensor into the new data file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from sparsec.errors import SparsecError
+
+INLINE_LIMIT = 1024  # bytes; smaller tensors stay inside the .onnx when writing external data
+ALIGN = 64
+
+
+def external_info(tensor: onnx.TensorProto) -> dict[str, str] | None:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return {e.key: e.value for e in tensor.external_data}
+
+
+class TensorStore:
+    """Reads and rewrites tensor values of one in-memory model."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = Path(base_dir)
+        self._pending: dict[int, tuple[onnx.TensorProto, np.ndarray]] = {}
+
+    def read(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """The tensor's values; read-only, never a copy the caller may rely on writing."""
+        if id(tensor) in self._pending:
+            return self._pending[id(tensor)][1]
+        info = external_info(tensor)
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        dims = tuple(tensor.dims)
+        if info is not None:
+            offset = int(info.get("offset", 0))
+            count = math.prod(dims)
+            with open(self.base_dir / info["location"], "rb") as f:
+                f.seek(offset)
+                arr = np.fromfile(f, dtype=dtype, count=count)
+            if arr.size != count:
+                raise SparsecError(f"external data of tensor {tensor.name!r} is truncated",
+                                   "the .data file does not match the model")
+            return arr.reshape(dims)
+        if tensor.HasField("raw_data"):
+            raw = tensor.raw_data
+            if len(raw) != math.prod(dims) * np.dtype(dtype).itemsize:
+                raise SparsecError(f"tensor {tensor.name!r} holds {len(raw)} bytes but its shape "
+                                   f"{list(dims)} needs {math.prod(dims) * np.dtype(dtype).itemsize}",
+                                   "the model file is corrupt")
+            return np.frombuffer(raw, dtype=dtype).reshape(dims)
+        try:
+            return numpy_helper.to_array(tensor)
+        except ValueError as exc:
+            raise SparsecError(f"tensor {tensor.name!r} cannot be read: {exc}",
+                               "the model file is corrupt") from None
+
+    def write(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
+        """Replace a tensor's values (same dtype and shape)."""
+        if external_info(tensor) is not None:
+            self._pending[id(tensor)] = (tensor, values)
+            return
+        for field in ("float_data", "int32_data", "double_data", "int64_data", "uint64_data"):
+            tensor.ClearField(field)
+        tensor.raw_data = np.ascontiguousarray(values).tobytes()
+
+    def materialize(self, model: onnx.ModelProto) -> None:
+        """Bring every value into the protobuf (for tools that need a self-contained model)."""
+        for tensor in iter_tensors(model.graph):
+            if external_info(tensor) is not None:
+                values = self.read(tensor)
+                tensor.ClearField("external_data")
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                tensor.raw_data = np.ascontiguousarray(values).tobytes()
+        self._pending.clear()
+
+    def has_external(self, model: onnx.ModelProto) -> bool:
+        return any(external_info(t) is not None for t in iter_tensors(model.graph))
+
+    def write_external(self, model: onnx.ModelProto, model_path: Path, data_name: str) -> None:
+        """Stream every sizeable tensor into `data_name` beside `model_path`, 64-byte aligned."""
+        data_path = model_path.parent / data_name
+        with open(data_path, "wb") as f:
+            for tensor in iter_tensors(model.graph):
+                if not _has_values(tensor):
+                    continue
+                values = self.read(tensor)
+                if values.nbytes < INLINE_LIMIT and external_info(tensor) is None:
+                    continue
+                offset = -f.tell() % ALIGN
+                f.write(b"\0" * offset)
+                start = f.tell()
+                f.write(np.ascontiguousarray(values).data)
+                _point_to(tensor, data_name, start, values.nbytes)
+        self._pending.clear()
+        self.base_dir = model_path.parent
+
+
+def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and Constant-node tensors, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from iter_tensors(g)
+
+
+def _has_values(tensor: onnx.TensorProto) -> bool:
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return False
+    return external_info(tensor) is not None or math.prod(tensor.dims) > 0
+
+
+def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    for field in ("raw_data", "float_data", "int32_data", "double_data", "int64_data",
+                  "uint64_data", "external_data"):
+        tensor.ClearField(field)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
