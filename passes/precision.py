@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from sparsec.pipeline import PassContext, PassResult
@@ -19,5 +20,8 @@ class PrecisionPass:
         from sparsec.runtime.precision import convert_precision
 
         ctx.store.materialize(ctx.model)  # the converter needs every value in memory
-        ctx.model = convert_precision(ctx.model, self.precision)
+        ctx.facts["model_before_precision"] = ctx.model  # verify measures the conversion drift
+        with warnings.catch_warnings():  # the converter warns per clamped value; we report drift
+            warnings.simplefilter("ignore", UserWarning)
+            ctx.model = convert_precision(ctx.model, self.precision)
         return PassResult(self.name, True, {"precision": self.precision})

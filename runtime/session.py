@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from sparsec.errors import SparsecError
@@ -36,6 +37,13 @@ def make_session(
     except Exception as exc:  # onnxruntime raises several unrelated types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SparsecError(f"onnxruntime cannot load {path}: {first}") from None
+
+
+def make_session_from_proto(model: onnx.ModelProto) -> ort.InferenceSession:
+    """A CPU session on an in-memory model whose values are all inline (< 2 GB)."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def input_shape(arg: ort.NodeArg, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from sparsec import __version__
-from sparsec.graph import load_model, save_model
+from sparsec.errors import SparsecError
+from sparsec.graph import TWO_GB, load_model, save_model
 from sparsec.layers import LayerAnalysis, find_layers
-from sparsec.macs import fixed_input_shapes, infer_shapes, layer_macs
+from sparsec.macs import all_layer_macs, fixed_input_shapes
 from sparsec.options import CompileOptions
 from sparsec.output import check_output_dir, staged_dir
 from sparsec.passes.check_pattern import CheckPatternPass
@@ -18,6 +20,7 @@ from sparsec.passes.precision import PrecisionPass
 from sparsec.passes.prune_weights import PruneWeightsPass
 from sparsec.pipeline import PassContext, PassResult, Pipeline
 from sparsec.report import LayerEntry, Report, totals
+from sparsec.runtime.session import make_session_from_proto
 from sparsec.selection import PruneTarget, select_targets
 from sparsec.weights import GraphIndex
 
@@ -53,9 +56,7 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
     fixed = fixed_input_shapes(model, options.shapes)
     analysis = find_layers(model)
     targets, skipped = select_targets(analysis, options)
-    shapes = infer_shapes(model, fixed)
-    macs = {layer.name: layer_macs(layer, model.graph.node[layer.node_index], shapes)
-            for layer in analysis.layers}
+    macs = all_layer_macs(model, loaded.store, analysis.layers, fixed)
     timings["analyze_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -69,15 +70,38 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
         save_model(ctx.model, tmp / "model.onnx", ctx.store, external=loaded.external)
         timings["save_s"] = time.perf_counter() - start
         if options.verify:
-            from sparsec.runtime.verify import verify_models
-
             start = time.perf_counter()
-            report.verify = verify_models(model_path, tmp / "model.onnx", fixed,
-                                          options.seed).as_dict()
+            report.verify = _verify(model_path, tmp / "model.onnx", ctx, fixed, options)
             timings["verify_s"] = time.perf_counter() - start
         report.timings = timings
         (tmp / "report.json").write_text(report.to_json())
     return report
+
+
+def _verify(dense: Path, pruned: Path, ctx: PassContext, fixed: dict, options: CompileOptions
+            ) -> dict:
+    """Dense vs final model in onnxruntime; after a precision change also the conversion drift."""
+    from sparsec.runtime.session import make_session, random_feeds
+    from sparsec.runtime.verify import compare_outputs, verify_models
+
+    if options.precision != "fp32":
+        try:
+            make_session(pruned)
+        except SparsecError as exc:
+            return {"skipped": f"{options.precision} model not runnable on onnxruntime CPU: {exc}"}
+    result = verify_models(dense, pruned, fixed, options.seed).as_dict()
+    before = ctx.facts.get("model_before_precision")
+    if before is not None and before.ByteSize() < TWO_GB:
+        final = make_session(pruned)
+        feeds = random_feeds(final, fixed, options.seed)
+        names = [o.name for o in final.get_outputs()]
+        ref = make_session_from_proto(before).run(names, feeds)
+        diffs = compare_outputs(ref, final.run(names, feeds), names)
+        result["precision_drift"] = {
+            "max_abs_diff": max(d.max_abs_diff for d in diffs),
+            "outputs": [asdict(d) for d in diffs],
+        }
+    return result
 
 
 def _report(ctx: PassContext, model_path: Path, out: Path, options: CompileOptions,
@@ -110,8 +134,7 @@ def _report(ctx: PassContext, model_path: Path, out: Path, options: CompileOptio
     try:
         from sparsec.runtime.tensorrt import trt_commands
 
-        trt = {"commands": trt_commands(str(out / "model.onnx"),
-                                        options.precision if options.precision != "fp32" else "fp16")}
+        trt = {"commands": trt_commands(str(out / "model.onnx"), options.precision)}
     except ImportError:
         trt = {}
     return Report(

@@ -12,7 +12,7 @@ import numpy as np
 from sparsec import __version__
 from sparsec.graph import load_model
 from sparsec.layers import find_layers
-from sparsec.macs import fixed_input_shapes, infer_shapes, layer_macs
+from sparsec.macs import all_layer_macs, fixed_input_shapes
 from sparsec.masks import satisfies_nm
 from sparsec.report import _count
 from sparsec.selection import nm_skip_reason
@@ -56,7 +56,8 @@ def inspect_model(model_path: str | Path, shapes: dict[str, tuple[int, ...]] | N
     loaded = load_model(model_path)
     model = loaded.model
     analysis = find_layers(model)
-    inferred = infer_shapes(model, fixed_input_shapes(model, shapes or {}))
+    macs = all_layer_macs(model, loaded.store, analysis.layers,
+                          fixed_input_shapes(model, shapes or {}))
     index = GraphIndex(model.graph)
     layers = []
     for layer in analysis.layers:
@@ -65,7 +66,7 @@ def inspect_model(model_path: str | Path, shapes: dict[str, tuple[int, ...]] | N
             name=layer.name, op=layer.op, weight=layer.weight, shape=list(layer.shape),
             reduction_axis=layer.reduction_axis, params=layer.params,
             nonzeros=int(np.count_nonzero(values)),
-            macs=layer_macs(layer, model.graph.node[layer.node_index], inferred),
+            macs=macs[layer.name],
             tensorrt_nm={f"{n}:{m}": nm_skip_reason(layer, m) for n, m in PATTERNS},
             satisfies={f"{n}:{m}": satisfies_nm(values, n, m, layer.reduction_axis)
                        for n, m in PATTERNS},

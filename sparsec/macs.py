@@ -12,6 +12,7 @@ import onnx
 
 from sparsec.errors import SparsecError
 from sparsec.layers import Layer
+from sparsec.tensors import TensorStore, external_info, iter_tensors
 
 _LARGE = 64  # initializers above this many elements are never shape data
 
@@ -71,10 +72,48 @@ def infer_shapes(model: onnx.ModelProto, fixed: dict[str, tuple[int, ...]]) -> d
     return found
 
 
+def observe_shapes(model: onnx.ModelProto, store: TensorStore, fixed: dict[str, tuple[int, ...]],
+                   names: list[str]) -> dict[str, tuple]:
+    """Shapes that static inference could not give, read from one onnxruntime run.
+
+    Exporters compute Reshape targets in the graph (Shape -> Gather -> Concat), which ONNX
+    shape inference often cannot follow; running the model once settles them.
+    """
+    if not names:
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for tensor in iter_tensors(probe.graph):
+        if external_info(tensor) is not None:
+            values = store.read(tensor)
+            tensor.ClearField("external_data")
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = values.tobytes()
+    if probe.ByteSize() >= 2**31:
+        return {}
+    existing = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in existing:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    try:
+        from sparsec.runtime.session import make_session_from_proto, random_feeds
+
+        session = make_session_from_proto(probe)
+        values = session.run(names, random_feeds(session, fixed))
+    except Exception:  # best effort: unknown shapes stay unknown MACs
+        return {}
+    return {name: tuple(v.shape) for name, v in zip(names, values, strict=True)}
+
+
+def layer_tensors(layer: Layer, node: onnx.NodeProto) -> str:
+    """The activation whose shape `layer_macs` needs."""
+    return node.input[0] if layer.op == "ConvTranspose" else node.output[0]
+
+
 def layer_macs(layer: Layer, node: onnx.NodeProto, shapes: dict[str, tuple]) -> int | None:
     """Dense MACs of one layer, or None when its activation shape is unknown."""
     weight = layer.params
-    if layer.op == "Conv":
+    if layer.op == "Conv":  # batch·E·F·|W|, |W| = M·(C/g)·R·S
         out = shapes.get(node.output[0])
         return None if out is None else out[0] * math.prod(out[2:]) * weight
     if layer.op == "ConvTranspose":
@@ -88,3 +127,13 @@ def layer_macs(layer: Layer, node: onnx.NodeProto, shapes: dict[str, tuple]) -> 
     if layer.input_index == 1:  # activation @ W[K, N]: every output row costs K·N
         return math.prod(out[:-1]) * weight
     return math.prod(out[:-2]) * out[-1] * weight  # W[M, K] @ activation[..., K, N]
+
+
+def all_layer_macs(model: onnx.ModelProto, store: TensorStore, layers, fixed: dict) -> dict:
+    """Layer name -> dense MACs (None where the shape stays unknown)."""
+    shapes = infer_shapes(model, fixed)
+    nodes = model.graph.node
+    unknown = [layer_tensors(la, nodes[la.node_index]) for la in layers
+               if layer_tensors(la, nodes[la.node_index]) not in shapes]
+    shapes.update(observe_shapes(model, store, fixed, list(dict.fromkeys(unknown))))
+    return {la.name: layer_macs(la, nodes[la.node_index], shapes) for la in layers}

@@ -93,7 +93,12 @@ def summary_table(report: Report) -> str:
         lines.append(f"left dense: {s['name']} ({s['op']}): {s['reason']}")
     if report.verify:
         v = report.verify
-        lines.append(f"verify: max |diff| {v['max_abs_diff']:.3g}, mean |diff| {v['mean_abs_diff']:.3g}")
+        if "max_abs_diff" in v:
+            worst = min((o["cosine"] for o in v["outputs"]), default=1.0)
+            lines.append(f"verify (onnxruntime, dense vs pruned): max |diff| {v['max_abs_diff']:.3g}, "
+                         f"mean |diff| {v['mean_abs_diff']:.3g}, min output cosine {worst:.4f}")
+        else:
+            lines.append(f"verify: skipped: {v.get('skipped')}")
     if report.output:
         lines.append(f"wrote {report.output}")
     return "\n".join(lines)

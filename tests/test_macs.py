@@ -76,16 +76,18 @@ def test_dense_totals_match_independent_count(tmp_path, name, shapes):
     assert report.totals["macs"] == independent_macs(model, shapes)
 
 
-def test_transformer_macs_match_independent_count(tmp_path, transformer_models):
-    model = transformer_models["dynamo"]
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize(("batch", "seq"), [(2, 9), (1, 5)])
+def test_transformer_macs_match_independent_count(tmp_path, transformer_models, exporter, batch, seq):
+    model = transformer_models[exporter]
     path = tmp_path / "t.onnx"
     onnx.save(model, path)
-    shapes = {"input_ids": (2, 9), "attention_mask": (2, 9)}
+    shapes = {"input_ids": (batch, seq), "attention_mask": (batch, seq)}
     report = sparsec.inspect(path, shapes=shapes)
     assert report.totals["macs_unknown_layers"] == 0
     assert report.totals["macs"] == independent_macs(model, shapes)
     # B·L·(4E² + 2·E·F) for the linear layers of 2 layers
-    assert report.totals["macs"] == 2 * (2 * 9 * (4 * 64 * 64 + 2 * 64 * 128))
+    assert report.totals["macs"] == 2 * (batch * seq * (4 * 64 * 64 + 2 * 64 * 128))
 
 
 def test_nonzero_macs_scale_with_kept_fraction(tmp_path):
