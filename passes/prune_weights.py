@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from sparsec.masks import apply_mask, nm_mask, unstructured_mask
 from sparsec.options import NMPattern
 from sparsec.pipeline import PassContext, PassResult
-from sparsec.scores import ScoreFn, magnitude
+from sparsec.scores import magnitude, relative_error_diagonal, relative_error_gram, wanda
 from sparsec.selection import PruneTarget
-from sparsec.tensors import TensorStore
 from sparsec.weights import GraphIndex, to_effective, to_stored
 
 
@@ -25,41 +24,60 @@ class PrunedWeight:
     params: int
     nonzeros_before: int
     nonzeros: int
+    method: str = "magnitude"
+    samples: int | None = None
+    rel_error: float | None = None  # ‖WX − ŴX‖/‖WX‖ estimated from calibration statistics
+    rel_error_basis: str | None = None  # "gram" (exact) or "diagonal" (cross terms ignored)
+    note: str | None = None
 
 
 @dataclass
 class PruneWeightsPass:
-    """Apply a keep-mask to every target weight, in place, shape and dtype unchanged.
+    """Apply a keep-mask to every target weight; shape and dtype unchanged.
 
     The model keeps dense-with-zeros weights: TensorRT's ONNX parser reads only ordinary
-    initializers, and its sparse kernels find the N:M pattern in them.
+    initializers, and its sparse kernels find the N:M pattern in them. `method="wanda"` needs
+    calibration statistics; per-layer sparsities (OWL) come from `facts["layer_sparsity"]`.
     """
 
     targets: list[PruneTarget]
     nm: NMPattern | None = None
     sparsity: float | None = None
     group: str = "output"
-    score: ScoreFn = field(default=magnitude)
+    method: str = "magnitude"
     name: str = "prune-weights"
-    requires: frozenset[str] = frozenset()
+
+    @property
+    def requires(self) -> frozenset[str]:
+        return frozenset({"calibration"}) if self.method == "wanda" else frozenset()
 
     def run(self, ctx: PassContext) -> PassResult:
         index = GraphIndex(ctx.model.graph)
-        pruned = [self._prune(index, ctx.store, t) for t in self.targets]
+        calib = ctx.facts.get("calibration")
+        sumsq = {n: s.sumsq for n, s in calib.layers.items()} if calib else {}
+        score = wanda(sumsq) if self.method == "wanda" else magnitude
+        ratios = ctx.facts.get("layer_sparsity", {})
+        pruned = []
+        for target in self.targets:
+            missing = self.method == "wanda" and target.layer.name not in sumsq
+            if missing:
+                raise_missing(target, calib)
+            pruned.append(self._prune(ctx, index, target, score, ratios.get(target.weight), calib))
         modified = any(p.nonzeros != p.nonzeros_before for p in pruned)
         return PassResult(self.name, modified, {"weights": pruned})
 
-    def _prune(self, index: GraphIndex, store: TensorStore, target: PruneTarget) -> PrunedWeight:
+    def _prune(self, ctx, index, target: PruneTarget, score, ratio, calib) -> PrunedWeight:
         layer = target.layer
         tensor = index.constant(layer.source)
-        stored = store.read(tensor)
+        stored = ctx.store.read(tensor)
         effective = to_effective(stored, layer.source.steps)
-        scores = self.score(layer, effective)
+        scores = score(layer, effective)
         if self.nm is not None:
             keep = nm_mask(scores, self.nm.n, self.nm.m, layer.reduction_axis)
             pattern = str(self.nm)
         else:
-            keep = unstructured_mask(scores, self.sparsity or 0.0, self.group,
+            sparsity = self.sparsity if ratio is None else ratio
+            keep = unstructured_mask(scores, sparsity or 0.0, self.group,
                                      output_axis=layer.output_axis,
                                      reduction_axis=layer.reduction_axis)
             pattern = f"unstructured/{self.group}"
@@ -67,6 +85,28 @@ class PruneWeightsPass:
         before = int(np.count_nonzero(stored))
         after = int(np.count_nonzero(pruned))
         if after != before:
-            store.write(tensor, pruned)
+            ctx.store.write(tensor, pruned)
+        error, basis = estimate_error(layer, effective, to_effective(pruned, layer.source.steps), calib)
         return PrunedWeight(layer.weight, tuple(u.name for u in target.layers), pattern,
-                            stored.size, before, after)
+                            stored.size, before, after, self.method,
+                            calib.samples if calib else None, error, basis)
+
+
+def estimate_error(layer, weight, pruned, calib) -> tuple[float | None, str | None]:
+    """Relative output error from the statistics: exact with a Gram matrix, else diagonal."""
+    stats = calib.layers.get(layer.name) if calib else None
+    if stats is None:
+        return None, None
+    if stats.gram is not None and layer.groups == 1:
+        rows_per_out = int(np.prod(layer.shape)) // layer.shape[layer.output_axis] // layer.reduction_dim
+        if rows_per_out == 1:
+            return relative_error_gram(layer, weight, pruned, stats.gram), "gram"
+    return relative_error_diagonal(layer, weight, pruned, stats.sumsq), "diagonal"
+
+
+def raise_missing(target: PruneTarget, calib) -> None:
+    from sparsec.errors import SparsecError
+
+    why = (calib.unavailable.get(target.layer.name) if calib else None) or "no statistics were collected"
+    raise SparsecError(f"wanda cannot score layer {target.layer.name}: {why}",
+                       "exclude it with --exclude or use --method magnitude")

@@ -7,8 +7,10 @@ import os
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from sparsec.errors import SparsecError
+from sparsec.tensors import TensorStore
 
 ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -37,6 +39,64 @@ def make_session(
     except Exception as exc:  # onnxruntime raises several unrelated types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SparsecError(f"onnxruntime cannot load {path}: {first}") from None
+
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider", "dml": "DmlExecutionProvider",
+             "coreml": "CoreMLExecutionProvider", "openvino": "OpenVINOExecutionProvider"}
+
+
+def resolve_providers(names: list[str] | tuple[str, ...]) -> list[str]:
+    """Short provider names (cuda, cpu) to onnxruntime's, refusing ones this install lacks."""
+    available = ort.get_available_providers()
+    out = []
+    for name in names:
+        full = PROVIDERS.get(name.strip().lower(), name.strip())
+        if full not in available:
+            hint = "pip install sparsec[gpu] on a machine with CUDA" if "CUDA" in full else \
+                f"available here: {', '.join(available)}"
+            raise SparsecError(f"--providers {name}: onnxruntime has no {full} here", hint)
+        out.append(full)
+    return out
+
+
+def session_with_values(model: onnx.ModelProto, tensors: list[onnx.TensorProto], store: TensorStore,
+                        providers: list[str] | None = None) -> ort.InferenceSession:
+    """A session on `model` (which has no initializers) with `tensors` fed from the store.
+
+    Large values go to onnxruntime as OrtValues over numpy arrays, so no copy of the model
+    is ever serialized and models over 2 GB work too.
+    """
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    names, values, keep = [], [], []
+    for tensor in tensors:
+        array = np.ascontiguousarray(store.read(tensor))
+        if array.nbytes < 1024 or array.dtype.name not in _ORT_VALUE_DTYPES:
+            model.graph.initializer.append(numpy_helper.from_array(array, tensor.name))
+            continue
+        stub = model.graph.initializer.add()
+        stub.name, stub.data_type = tensor.name, tensor.data_type
+        stub.dims.extend(tensor.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        entry = stub.external_data.add()
+        entry.key, entry.value = "location", "sparsec-fed-by-session"
+        names.append(tensor.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(array))
+        keep.append(array)
+    if names:
+        opts.add_external_initializers(names, values)
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), opts,
+                                       providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SparsecError(f"onnxruntime cannot run the calibration graph: {first}") from None
+    session._sparsec_keepalive = (values, keep)  # onnxruntime reads these buffers in place
+    return session
+
+
+_ORT_VALUE_DTYPES = {"float32", "float16", "float64", "int64", "int32", "int8", "uint8"}
 
 
 def make_session_from_proto(model: onnx.ModelProto) -> ort.InferenceSession:

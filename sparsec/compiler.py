@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from sparsec import __version__
 from sparsec.errors import SparsecError
@@ -15,24 +16,48 @@ from sparsec.layers import LayerAnalysis, find_layers
 from sparsec.macs import all_layer_macs, fixed_input_shapes
 from sparsec.options import CompileOptions
 from sparsec.output import check_output_dir, staged_dir
+from sparsec.passes.calibrate import CalibratePass
 from sparsec.passes.check_pattern import CheckPatternPass
+from sparsec.passes.owl import OwlPass
 from sparsec.passes.precision import PrecisionPass
 from sparsec.passes.prune_weights import PruneWeightsPass
+from sparsec.passes.sparsegpt import SparseGPTPass
 from sparsec.pipeline import PassContext, PassResult, Pipeline
 from sparsec.report import LayerEntry, Report, totals
+from sparsec.runtime.calibrate import CalibrationSettings
 from sparsec.runtime.session import make_session_from_proto
-from sparsec.selection import PruneTarget, select_targets
+from sparsec.runtime.tensorrt import trt_commands
+from sparsec.selection import PruneTarget, depth_levels, select_targets
 from sparsec.weights import GraphIndex
 
 
-def build_pipeline(options: CompileOptions, targets: list[PruneTarget]) -> Pipeline:
+def build_pipeline(options: CompileOptions, targets: list[PruneTarget], model: onnx.ModelProto,
+                   settings: CalibrationSettings | None = None) -> Pipeline:
     """The one place that knows the order of the passes."""
-    passes = [PruneWeightsPass(targets, nm=options.nm, sparsity=options.sparsity, group=options.group)]
+    passes: list = []
+    gram = options.method == "sparsegpt"
+    if options.owl:
+        passes += [CalibratePass(targets, settings), OwlPass(targets, options.sparsity or 0.0,
+                                                             options.owl_lambda, options.owl_m)]
+    levels = depth_levels(model, targets) if options.sequential else [targets]
+    for level, group in enumerate(levels):
+        if settings is not None and (options.sequential or not options.owl or gram):
+            passes.append(CalibratePass(group, settings, gram=gram,
+                                        level=level if options.sequential else None))
+        passes.append(_prune_pass(options, group))
     if options.precision != "fp32":
         passes.append(PrecisionPass(options.precision))
     if options.nm is not None:
         passes.append(CheckPatternPass(targets, options.nm))
     return Pipeline(passes)
+
+
+def _prune_pass(options: CompileOptions, group: list[PruneTarget]):
+    if options.method == "sparsegpt":
+        return SparseGPTPass(group, nm=options.nm, sparsity=options.sparsity,
+                             block_size=options.block_size, damp=options.damp)
+    return PruneWeightsPass(group, nm=options.nm, sparsity=options.sparsity, group=options.group,
+                            method=options.method)
 
 
 def default_output(model_path: Path) -> Path:
@@ -59,8 +84,9 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
     macs = all_layer_macs(model, loaded.store, analysis.layers, fixed)
     timings["analyze_s"] = time.perf_counter() - start
 
+    settings = _calibration(loaded, options, fixed) if options.calibrated else None
     start = time.perf_counter()
-    results = build_pipeline(options, targets).run(ctx)
+    results = build_pipeline(options, targets, model, settings).run(ctx)
     timings["prune_s"] = time.perf_counter() - start
 
     # the report reads final weights before saving moves them into the new data file
@@ -76,6 +102,21 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
         report.timings = timings
         (tmp / "report.json").write_text(report.to_json())
     return report
+
+
+def _calibration(loaded, options: CompileOptions, fixed: dict) -> CalibrationSettings:
+    """Open and validate the calibration data against the model's inputs."""
+    from sparsec.runtime.calib_data import input_specs, open_calibration
+    from sparsec.runtime.session import resolve_providers
+
+    reader = None if isinstance(options.calib, str | Path | None) else options.calib
+    data = open_calibration(
+        input_specs(loaded.model), path=None if reader is not None else options.calib, reader=reader,
+        random_samples=options.calib_random, ranges=options.calib_range, shapes=options.shapes,
+        samples=options.calib_samples, seed=options.seed)
+    return CalibrationSettings(data=data, batch=options.batch,
+                               providers=tuple(resolve_providers(options.providers)),
+                               progress=False if options.quiet else None, fixed_shapes=fixed)
 
 
 def _verify(dense: Path, pruned: Path, ctx: PassContext, fixed: dict, options: CompileOptions
@@ -104,13 +145,20 @@ def _verify(dense: Path, pruned: Path, ctx: PassContext, fixed: dict, options: C
     return result
 
 
+def _pass_entry(result: PassResult) -> dict:
+    entry = {"name": result.name, "modified": result.modified, "seconds": result.seconds}
+    for key in ("samples", "level", "layer_sparsity", "outlier_ratio"):
+        if result.details.get(key) is not None:
+            entry[key] = result.details[key]
+    return entry
+
+
 def _report(ctx: PassContext, model_path: Path, out: Path, options: CompileOptions,
             analysis: LayerAnalysis, skipped, macs_by_layer: dict[str, int | None],
             results: list[PassResult]) -> Report:
     index = GraphIndex(ctx.model.graph)
     reasons = {(s.name, s.weight): s.reason for s in skipped}
-    pruned_names = {n for r in results for w in r.details.get("weights", []) for n in w.layers}
-    pattern = str(options.nm) if options.nm else f"unstructured/{options.group}"
+    pruned = {n: w for r in results for w in r.details.get("weights", []) for n in w.layers}
     entries: list[LayerEntry] = []
     weight_bytes: dict[str, int] = {}
     nonzeros_cache: dict[str, int] = {}
@@ -122,21 +170,21 @@ def _report(ctx: PassContext, model_path: Path, out: Path, options: CompileOptio
             weight_bytes[layer.weight] = values.nbytes
         nz = nonzeros_cache[layer.weight]
         macs = macs_by_layer[layer.name]
-        reason = None if layer.name in pruned_names else reasons.get((layer.name, layer.weight))
+        done = pruned.get(layer.name)
+        reason = None if done is not None else reasons.get((layer.name, layer.weight))
         entries.append(LayerEntry(
             name=layer.name, op=layer.op, weight=layer.weight, shape=list(layer.shape),
-            reduction_axis=layer.reduction_axis, pattern=pattern if reason is None else "dense",
+            reduction_axis=layer.reduction_axis, pattern=done.pattern if done else "dense",
             sparsity=1.0 - nz / layer.params, params=layer.params, nonzeros=nz, macs_dense=macs,
             macs_nonzero=None if macs is None else int(round(macs * nz / layer.params)),
             skipped_reason=reason,
+            method=done.method if done else None,
+            calib_samples=done.samples if done else None,
+            rel_error=done.rel_error if done else None,
+            rel_error_basis=done.rel_error_basis if done else None,
+            note=done.note if done else None,
         ))
-    trt = {}
-    try:
-        from sparsec.runtime.tensorrt import trt_commands
-
-        trt = {"commands": trt_commands(str(out / "model.onnx"), options.precision)}
-    except ImportError:
-        trt = {}
+    trt = {"commands": trt_commands(str(out / "model.onnx"), options.precision)}
     return Report(
         sparsec_version=__version__,
         input=str(model_path),
@@ -146,7 +194,7 @@ def _report(ctx: PassContext, model_path: Path, out: Path, options: CompileOptio
         totals=totals(entries, weight_bytes),
         verify=None,
         skipped=[{"name": s.name, "op": s.op, "weight": s.weight, "reason": s.reason} for s in skipped],
-        passes=[{"name": r.name, "modified": r.modified, "seconds": r.seconds} for r in results],
+        passes=[_pass_entry(r) for r in results],
         tensorrt=trt,
     )
 

@@ -43,8 +43,8 @@ def fixed_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
     return fixed
 
 
-def infer_shapes(model: onnx.ModelProto, fixed: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
-    """Tensor name -> concrete shape, by ONNX shape inference on a weight-free copy."""
+def _inferred(model: onnx.ModelProto, fixed: dict[str, tuple[int, ...]]) -> onnx.ModelProto | None:
+    """ONNX shape inference on a weight-free copy (large weights become typed inputs)."""
     g = model.graph
     small = [t for t in g.initializer if math.prod(t.dims) <= _LARGE]
     large_inputs = [
@@ -60,15 +60,35 @@ def infer_shapes(model: onnx.ModelProto, fixed: dict[str, tuple[int, ...]]) -> d
     light = onnx.helper.make_model(light_graph, opset_imports=list(model.opset_import),
                                    ir_version=model.ir_version)
     try:
-        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+        return onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception:  # inference is best effort: unknown shapes give unknown MACs
-        return {}
+        return None
+
+
+def infer_shapes(model: onnx.ModelProto, fixed: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
+    """Tensor name -> concrete shape, where inference settles every dim."""
+    inferred = _inferred(model, fixed)
     found: dict[str, tuple] = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            found[vi.name] = tuple(d.dim_value for d in dims)
+    if inferred is not None:
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+            dims = vi.type.tensor_type.shape.dim
+            if dims and all(d.HasField("dim_value") for d in dims):
+                found[vi.name] = tuple(d.dim_value for d in dims)
     found.update(fixed)
+    return found
+
+
+def infer_types(model: onnx.ModelProto, fixed: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:
+    """Tensor name -> (element type, rank) wherever inference knows the rank."""
+    inferred = _inferred(model, fixed)
+    found: dict[str, tuple[int, int]] = {}
+    values = list(model.graph.input)
+    if inferred is not None:
+        values += list(inferred.graph.value_info) + list(inferred.graph.output)
+    for vi in values:
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            found[vi.name] = (t.elem_type, len(t.shape.dim))
     return found
 
 

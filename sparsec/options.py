@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from sparsec.errors import SparsecError
 from sparsec.masks import GROUPS
 
-METHODS = ("magnitude",)
+METHODS = ("magnitude", "wanda", "sparsegpt")
+CALIBRATED = ("wanda", "sparsegpt")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -70,8 +73,51 @@ class CompileOptions:
     nm_everywhere: bool = False
     min_params: int = 256
     precision: str = "fp32"
+    calib: Any = None  # a .npz file, a directory, or a reader with get_next()
+    calib_random: int | None = None
+    calib_range: dict[str, tuple[float, float]] = field(default_factory=dict)
+    calib_samples: int | None = None
+    batch: int = 8
+    providers: tuple[str, ...] = ("cpu",)
+    quiet: bool = False
+    sequential: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    owl: bool = False
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calib is not None or self.calib_random is not None
 
     def __post_init__(self) -> None:
+        self._check_pattern()
+        self._check_calibration()
+
+    def _check_calibration(self) -> None:
+        if self.calib is not None and self.calib_random is not None:
+            raise SparsecError("--calib and --calib-random are exclusive", "choose one data source")
+        for flag, value in (("--calib-random", self.calib_random), ("--calib-samples", self.calib_samples),
+                            ("--batch", self.batch), ("--block-size", self.block_size)):
+            if value is not None and value < 1:
+                raise SparsecError(f"{flag} {value} must be at least 1")
+        needs = [f"--method {self.method}"] if self.method in CALIBRATED else []
+        needs += ["--owl"] if self.owl else []
+        needs += ["--sequential"] if self.sequential else []
+        if needs and not self.calibrated:
+            raise SparsecError(f"{' and '.join(needs)} needs calibration data",
+                               "give --calib FILE.npz|DIR or --calib-random N")
+        if self.owl and self.nm is not None:
+            raise SparsecError("--owl sets a sparsity per layer; it works with --sparsity, not --nm")
+        if not 0.0 < self.damp < 1.0:
+            raise SparsecError(f"--damp {self.damp} is out of range", "use 0 < damp < 1, e.g. 0.01")
+        if not 0.0 <= self.owl_lambda < 0.5:
+            raise SparsecError(f"--owl-lambda {self.owl_lambda} is out of range", "use 0 <= λ < 0.5")
+        if self.owl_m <= 0:
+            raise SparsecError(f"--owl-m {self.owl_m} must be positive")
+
+    def _check_pattern(self) -> None:
         if self.nm is None and self.sparsity is None:
             raise SparsecError("nothing to do: give --nm N:M or --sparsity S")
         if self.nm is not None and self.sparsity is not None:
@@ -115,4 +161,17 @@ class CompileOptions:
             "nm_everywhere": self.nm_everywhere,
             "min_params": self.min_params,
             "precision": self.precision,
+            "calib": None if self.calib is None else (
+                str(self.calib) if isinstance(self.calib, str | Path) else type(self.calib).__name__),
+            "calib_random": self.calib_random,
+            "calib_range": {k: list(v) for k, v in self.calib_range.items()},
+            "calib_samples": self.calib_samples,
+            "batch": self.batch,
+            "providers": list(self.providers),
+            "sequential": self.sequential,
+            "damp": self.damp,
+            "block_size": self.block_size,
+            "owl": self.owl,
+            "owl_lambda": self.owl_lambda,
+            "owl_m": self.owl_m,
         }

@@ -26,6 +26,11 @@ class LayerEntry:
     macs_dense: int | None
     macs_nonzero: int | None
     skipped_reason: str | None = None
+    method: str | None = None  # score that chose the mask (null when left dense)
+    calib_samples: int | None = None
+    rel_error: float | None = None  # ‖WX − ŴX‖/‖WX‖ estimated from calibration statistics
+    rel_error_basis: str | None = None  # "gram": exact; "diagonal": XᵀX's diagonal only
+    note: str | None = None  # e.g. a fallback to another method
 
 
 @dataclass

@@ -77,3 +77,25 @@ def _reason(users, options, include, exclude) -> str | None:
     if options.nm is not None:
         return nm_skip_reason(layer, options.nm.m, options.nm_everywhere)
     return None
+
+
+def depth_levels(model, targets: list[PruneTarget]) -> list[list[PruneTarget]]:
+    """Targets grouped by how many target layers lie on the longest path before them.
+
+    Sequential calibration runs once per level, so the number of onnxruntime passes is the
+    number of levels, not of layers (q, k and v of one attention block share a level).
+    """
+    target_nodes = {t.layer.node_index: t for t in targets}
+    depth: dict[str, int] = {}
+    level_of: dict[str, int] = {}
+    for i, node in enumerate(model.graph.node):
+        before = max((depth.get(name, 0) for name in node.input if name), default=0)
+        if i in target_nodes:
+            level_of[target_nodes[i].weight] = before
+            before += 1
+        for out in node.output:
+            depth[out] = before
+    levels: dict[int, list[PruneTarget]] = {}
+    for t in targets:
+        levels.setdefault(level_of[t.weight], []).append(t)
+    return [levels[k] for k in sorted(levels)]

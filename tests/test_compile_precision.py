@@ -3,11 +3,11 @@
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from sparsec.models import GOLDEN, example_path
 
 import sparsec
 from sparsec.layers import find_layers
 from sparsec.masks import satisfies_nm
-from sparsec.models import GOLDEN, example_path
 from sparsec.weights import to_effective
 
 

@@ -1,0 +1,303 @@
+"""Pruning quality on real models: sparsec beside onnxsim 0.8.1's pruning, same grid, same data.
+
+MiniLM (all-MiniLM-L6-v2, real weights) on stdlib docstring sentences, disjoint calibration and evaluation
+sets: mean cosine of pruned to dense sentence embeddings, and top-1 retrieval agreement (each evaluation
+sentence queries all OTHER evaluation sentences; agreement = fraction of queries whose pruned-model nearest
+neighbour is the dense model's). Digits CNN: test accuracy. Each cell times one call per tool (calibration
+included; sparsec without verify), one after the other in this process. Calls the installed sparsec
+cannot make yet print "n/a (not available)".
+
+    python bench/quality.py [--quick] [--record] [--calib-samples 128] [--batch 16] [--eval 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import corpus  # noqa: E402  (bench/corpus.py)
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "_work"
+NA = "n/a (not available)"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid row: a method at a pattern ("50%", "60%" unstructured or "N:M"), optionally with OWL."""
+
+    method: str
+    pattern: str
+    owl: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.pattern}" + (" + owl" if self.owl else "")
+
+    @property
+    def slug(self) -> str:
+        return self.label.replace(" + ", "_").replace(" ", "_").replace(":", "-").replace("%", "pc")
+
+    def pattern_args(self, tool: str) -> dict[str, Any]:
+        if ":" in self.pattern:
+            n, m = (int(v) for v in self.pattern.split(":"))
+            return {"nm": self.pattern} if tool == "sparsec" else {"n": n, "m": m}
+        return {"sparsity": float(self.pattern.rstrip("%")) / 100}
+
+
+def grid(quick: bool) -> list[Cell]:
+    if quick:
+        return [Cell("magnitude", "2:4"), Cell("wanda", "2:4"), Cell("sparsegpt", "2:4"),
+                Cell("wanda", "60%", owl=True)]
+    cells = [Cell(m, p) for m in ("magnitude", "wanda", "sparsegpt") for p in ("50%", "4:8", "2:4")]
+    return cells + [Cell("magnitude", "60%"), Cell("wanda", "60%"), Cell("wanda", "60%", owl=True),
+                    Cell("sparsegpt", "60%"), Cell("sparsegpt", "60%", owl=True)]
+
+
+@dataclass
+class Outcome:
+    """One tool's result for one cell: metrics, wall time, weight sparsity, skipped layers, or a note."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float | None = None
+    sparsity: float | None = None
+    skipped: int | None = None
+    note: str = ""
+
+
+@dataclass
+class Task:
+    """A model with its calibration data (npz for sparsec, feed dicts for onnxsim) and its evaluation."""
+
+    name: str
+    model: Path
+    calib_npz: Path
+    calib_feeds: list[dict[str, np.ndarray]]
+    evaluate: Callable[[Path], dict[str, float]]
+    dense: dict[str, float]
+
+
+def weight_sparsity(path: Path) -> float:
+    """Fraction of zeros in the initializers that MatMul/Gemm/Conv nodes read as their weight (input 1)."""
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    names = {n.input[1] for n in model.graph.node
+             if n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) > 1 and n.input[1] in inits}
+    arrays = [numpy_helper.to_array(inits[n]) for n in sorted(names)]
+    total = sum(a.size for a in arrays)
+    return 1.0 - sum(int(np.count_nonzero(a)) for a in arrays) / total if total else 0.0
+
+
+def run_sparsec(cell: Cell, task: Task, out: Path, calib_samples: int, batch: int) -> Outcome:
+    import sparsec
+
+    kwargs: dict[str, Any] = dict(output=out, method=cell.method, verify=False, force=True,
+                                  **cell.pattern_args("sparsec"))
+    if cell.method != "magnitude":
+        kwargs.update(calib=str(task.calib_npz), calib_samples=calib_samples, batch=batch)
+    if cell.owl:
+        kwargs["owl"] = True
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        report = sparsec.compile(task.model, **kwargs)
+    except Exception as exc:  # a failed cell must not stop the grid
+        calibrated = cell.method != "magnitude" or cell.owl
+        print(f"  sparsec {cell.label}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return Outcome(note=NA if calibrated else f"error: {type(exc).__name__}")
+    seconds = time.perf_counter() - start
+    path = out / "model.onnx"
+    return Outcome(task.evaluate(path), seconds, weight_sparsity(path), len(report.skipped))
+
+
+def run_onnxsim(cell: Cell, task: Task, out: Path) -> Outcome:
+    import onnxsim
+
+    if cell.owl:
+        return Outcome(note="n/a (no OWL)")
+    fn = {"magnitude": onnxsim.apply_magnitude_pruning, "wanda": onnxsim.apply_wanda_pruning,
+          "sparsegpt": onnxsim.apply_sparsegpt_pruning}[cell.method]
+    kwargs = cell.pattern_args("onnxsim")
+    if cell.method != "magnitude":
+        kwargs["calibration_data"] = task.calib_feeds
+    start = time.perf_counter()
+    try:
+        pruned = fn(str(task.model), **kwargs)
+    except Exception as exc:
+        print(f"  onnxsim {cell.label}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return Outcome(note=f"error: {type(exc).__name__}")
+    seconds = time.perf_counter() - start
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(pruned, str(out))
+    return Outcome(task.evaluate(out), seconds, weight_sparsity(out))
+
+
+def _batches(feeds: dict[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]]:
+    n = len(next(iter(feeds.values())))
+    return [{k: v[i:i + batch] for k, v in feeds.items()} for i in range(0, n, batch)]
+
+
+def minilm_task(n_calib: int, n_eval: int, batch: int, seed: int) -> tuple[Task, str]:
+    from sparsec.models.minilm import embed, export_minilm, tokenizer
+
+    model = export_minilm(WORK / "all-MiniLM-L6-v2.dynamo.onnx")
+    sentences = corpus.docstring_sentences()
+    calib, evals = corpus.split(sentences, n_calib, n_eval, seed)
+    tok = tokenizer()
+    calib_feeds = corpus.tokenize(calib, tok, max_len=64)  # one length: the calibration set's longest
+    npz = WORK / f"minilm_calib_{n_calib}_s{seed}.npz"
+    np.savez(npz, **calib_feeds)
+    eval_feeds = corpus.tokenize(evals, tok, max_len=64)
+    dense = embed(model, eval_feeds)
+    dense_nn = _nearest(dense)
+
+    def evaluate(path: Path) -> dict[str, float]:
+        emb = embed(path, eval_feeds)
+        return {"cosine": float(np.mean(np.sum(emb * dense, axis=1))),
+                "top1": float(np.mean(_nearest(emb) == dense_nn))}
+
+    info = (f"{len(sentences)} docstring sentences; {n_calib} calibration (padded to "
+            f"{calib_feeds['input_ids'].shape[1]} tokens), {n_eval} evaluation (disjoint)")
+    return Task("minilm", model, npz, _batches(calib_feeds, batch), evaluate, {}), info
+
+
+def _nearest(emb: np.ndarray) -> np.ndarray:
+    sim = emb @ emb.T
+    np.fill_diagonal(sim, -np.inf)  # the corpus is every OTHER evaluation sentence
+    return sim.argmax(axis=1)
+
+
+def digits_task(n_calib: int, batch: int, seed: int) -> tuple[Task, str]:
+    from sparsec.models.digits import accuracy, train_digits_cnn
+
+    data = train_digits_cnn(seed, cache_dir=WORK)
+    model = WORK / "digits_cnn.onnx"
+    onnx.save(data.model, str(model))
+    pick = np.random.default_rng(seed).permutation(len(data.x_train))[:n_calib]
+    feeds = {"input": data.x_train[pick]}
+    npz = WORK / f"digits_calib_{n_calib}_s{seed}.npz"
+    np.savez(npz, **feeds)
+
+    def evaluate(path: Path) -> dict[str, float]:
+        return {"accuracy": accuracy(path, data.x_test, data.y_test)}
+
+    dense = evaluate(model)
+    info = (f"{len(data.x_train)} train / {len(data.x_test)} test images; {n_calib} calibration images "
+            f"from the training split; dense test accuracy {dense['accuracy']:.4f}")
+    return Task("digits", model, npz, _batches(feeds, batch), evaluate, dense), info
+
+
+def _fmt(o: Outcome, key: str) -> str:
+    return o.note if o.note else f"{o.metrics[key]:.4f}"
+
+
+def table(cells: list[Cell], rows: dict[Cell, tuple[Outcome, Outcome]], keys: list[str]) -> str:
+    head = ["method / pattern"] + [f"sparsec {k}" for k in keys] + [
+        "sparsec time (s)", "sparsec weight sparsity", "sparsec skipped layers"] + [
+        f"onnxsim {k}" for k in keys] + ["onnxsim time (s)", "onnxsim weight sparsity"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell in cells:
+        s, o = rows[cell]
+        vals = [cell.label] + [_fmt(s, k) for k in keys] + [
+            f"{s.seconds:.2f}" if s.seconds else "–", f"{s.sparsity:.1%}" if s.sparsity is not None else "–",
+            str(s.skipped) if s.skipped is not None else "–"] + [_fmt(o, k) for k in keys] + [
+            f"{o.seconds:.2f}" if o.seconds else "–", f"{o.sparsity:.1%}" if o.sparsity is not None else "–"]
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def reading(name: str, key: str, rows: dict[Cell, tuple[Outcome, Outcome]]) -> str:
+    """A factual summary: where both tools gave numbers, who is ahead and by how much; what is missing."""
+    both = [(c, s, o) for c, (s, o) in rows.items() if not s.note and not o.note]
+    if not both:
+        return f"{name}: no cell has numbers from both tools."
+    ahead = [c.label for c, s, o in both if s.metrics[key] > o.metrics[key] + 1e-4]
+    behind = [f"{c.label} ({s.metrics[key]:.3f} vs {o.metrics[key]:.3f})" for c, s, o in both
+              if s.metrics[key] < o.metrics[key] - 1e-4]
+    ratio = np.median([o.seconds / s.seconds for _, s, o in both if s.seconds and o.seconds])
+    missing = [c.label for c, (s, _) in rows.items() if s.note]
+    text = (f"{name} ({key}): of {len(both)} cells with numbers from both tools, sparsec is ahead in "
+            f"{len(ahead)}, behind in {len(behind)}" + (f" ({'; '.join(behind)})" if behind else "")
+            + f"; median onnxsim/sparsec time {ratio:.1f}x.")
+    if missing:
+        text += f" sparsec gave no numbers for {len(missing)} cells: {', '.join(missing)}."
+    return text
+
+
+def machine() -> str:
+    mem = next((int(line.split()[1]) / 2**20 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), float("nan"))
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    load = "/".join(f"{v:.2f}" for v in os.getloadavg())
+    return (f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), {mem:.1f} GiB RAM, {cpu}; "
+            f"Python {platform.python_version()}; load average at start {load}")
+
+
+def code_version() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
+
+    dirty = " + uncommitted working tree" if git("status", "--porcelain") else ""
+    return f"sparsec at commit {git('rev-parse', '--short', 'HEAD')}{dirty}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny grid: 16 calibration, 64 evaluation, 2:4")
+    ap.add_argument("--record", action="store_true", help="append a section to bench/RESULTS.md")
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--eval", type=int, default=500, help="MiniLM evaluation sentences")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    n_calib, n_eval = (16, 64) if args.quick else (args.calib_samples, args.eval)
+    WORK.mkdir(parents=True, exist_ok=True)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    host, cells = machine(), grid(args.quick)
+    sections, readings = [], []
+    tasks = [(minilm_task(n_calib, n_eval, args.batch, args.seed), ["cosine", "top1"]),
+             (digits_task(n_calib, args.batch, args.seed), ["accuracy"])]
+    for (task, info), keys in tasks:
+        print(f"## {task.name}: {info}", flush=True)
+        rows: dict[Cell, tuple[Outcome, Outcome]] = {}
+        for cell in cells:
+            out = WORK / "quality" / task.name / cell.slug
+            rows[cell] = (run_sparsec(cell, task, out / "sparsec", n_calib, args.batch),
+                          run_onnxsim(cell, task, out / "onnxsim.onnx"))
+            s, o = rows[cell]
+            print(f"  {cell.label}: sparsec {s.note or s.metrics} in {s.seconds or 0:.1f}s; "
+                  f"onnxsim {o.note or o.metrics} in {o.seconds or 0:.1f}s", flush=True)
+        tab = table(cells, rows, keys)
+        print("\n" + tab + "\n", flush=True)
+        sections.append(f"**{task.name}**: {info}.\n\n{tab}\n")
+        readings.append(reading(task.name, keys[0], rows))
+    print("\n".join(readings))
+    if args.record:
+        cmd = " ".join(["python bench/quality.py", *(sys.argv[1:] if argv is None else argv)])
+        notes = (f"- Calibration: {n_calib} samples, batch {args.batch} (sparsec: `calib=` .npz; onnxsim: the "
+                 f"same samples as feed dicts of {args.batch}); sparsec at its default options otherwise\n"
+                 "- Weight sparsity: zeros in the initializers MatMul/Gemm/Conv nodes read as weights\n")
+        with open(HERE / "RESULTS.md", "a", encoding="utf-8") as fh:
+            fh.write(f"\n## {started:%Y-%m-%d %H:%M} UTC: pruning quality on real models, sparsec vs onnxsim "
+                     f"0.8.1\n\nCommand: `{cmd}`\n\n- Date: {started.isoformat(timespec='seconds')}\n"
+                     f"- Machine: {host}\n- Code: {code_version()}\n{notes}\n" + "\n".join(sections)
+                     + "\nReading (generated): " + " ".join(readings) + "\n")
+        print(f"appended to {HERE / 'RESULTS.md'}")
+
+if __name__ == "__main__":
+    main()

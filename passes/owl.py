@@ -1,0 +1,58 @@
+"""OWL: outlier-weighed layerwise sparsity (Yin et al. 2024), an analysis pass.
+
+Layers whose Wanda scores hold more outliers (scores above M times the layer's mean) keep
+more weights. Ratios are spread over [S−λ, S+λ] and shifted so that the parameter-weighted
+mean sparsity stays exactly S. Unstructured patterns only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sparsec.pipeline import PassContext, PassResult
+from sparsec.scores import wanda
+from sparsec.selection import PruneTarget
+from sparsec.weights import GraphIndex, to_effective
+
+
+def outlier_ratio(scores: np.ndarray, m: float) -> float:
+    """Fraction of scores larger than m times their mean."""
+    return float((scores > m * scores.mean()).mean())
+
+
+def owl_sparsities(ratios: np.ndarray, params: np.ndarray, target: float, lam: float) -> np.ndarray:
+    """Per-layer sparsity: more outliers, less sparsity; weighted mean equals `target`."""
+    spread = ratios.max() - ratios.min()
+    keep_bonus = (ratios - ratios.min()) / spread * 2 * lam if spread > 0 else np.zeros_like(ratios)
+    sparsity = target + lam - keep_bonus  # in [target − λ, target + λ]
+    sparsity += target - float((sparsity * params).sum() / params.sum())
+    return np.clip(sparsity, 0.0, 0.99)
+
+
+@dataclass
+class OwlPass:
+    targets: list[PruneTarget]
+    sparsity: float
+    lam: float = 0.08
+    m: float = 5.0
+    name: str = "owl"
+    requires: frozenset[str] = frozenset({"calibration"})
+
+    def run(self, ctx: PassContext) -> PassResult:
+        index = GraphIndex(ctx.model.graph)
+        calib = ctx.facts["calibration"]
+        score = wanda({n: s.sumsq for n, s in calib.layers.items()})
+        ratios, params = [], []
+        for target in self.targets:
+            layer = target.layer
+            weight = to_effective(ctx.store.read(index.constant(layer.source)), layer.source.steps)
+            ratios.append(outlier_ratio(score(layer, weight), self.m))
+            params.append(layer.params)
+        sparsities = owl_sparsities(np.array(ratios), np.array(params, dtype=np.float64),
+                                    self.sparsity, self.lam)
+        table = {t.weight: float(s) for t, s in zip(self.targets, sparsities, strict=True)}
+        ctx.facts["layer_sparsity"] = table
+        outliers = {t.weight: r for t, r in zip(self.targets, ratios, strict=True)}
+        return PassResult(self.name, False, {"layer_sparsity": table, "outlier_ratio": outliers})

@@ -1,0 +1,78 @@
+"""SparseGPT (Frantar & Alistarh 2023): prune with second-order weight updates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sparsec.options import NMPattern
+from sparsec.pipeline import PassContext, PassResult
+from sparsec.scores import as_rows, from_rows
+from sparsec.selection import PruneTarget
+from sparsec.weights import GraphIndex, to_effective, to_stored
+
+from .prune_weights import PrunedWeight, PruneWeightsPass, estimate_error
+
+
+def gram_ready(layer) -> bool:
+    """SparseGPT needs the layer as [rows, K] against one Gram: 2-D weights and 1×1 convs."""
+    per_out = int(np.prod(layer.shape)) // layer.shape[layer.output_axis] // layer.reduction_dim
+    return layer.groups == 1 and per_out == 1
+
+
+@dataclass
+class SparseGPTPass:
+    """Per layer: H = XᵀX/n + λI, column-wise OBS updates in blocks; kept weights change.
+
+    Layers without a usable Gram matrix (k×k or grouped convs) fall back to Wanda and the
+    report says so; nothing silently degrades to magnitude.
+    """
+
+    targets: list[PruneTarget]
+    nm: NMPattern | None = None
+    sparsity: float | None = None
+    block_size: int = 128
+    damp: float = 0.01
+    name: str = "sparsegpt"
+    requires: frozenset[str] = frozenset({"calibration"})
+
+    def run(self, ctx: PassContext) -> PassResult:
+        from sparsec.sparsegpt import sparsegpt_prune
+
+        index = GraphIndex(ctx.model.graph)
+        calib = ctx.facts["calibration"]
+        ratios = ctx.facts.get("layer_sparsity", {})
+        done: list[PrunedWeight] = []
+        fallback = [t for t in self.targets if not gram_ready(t.layer)
+                    or calib.layers.get(t.layer.name) is None
+                    or calib.layers[t.layer.name].gram is None]
+        for target in self.targets:
+            if target in fallback:
+                continue
+            layer = target.layer
+            stats = calib.layers[layer.name]
+            tensor = index.constant(layer.source)
+            stored = ctx.store.read(tensor)
+            effective = to_effective(stored, layer.source.steps)
+            sparsity = ratios.get(target.weight, self.sparsity)
+            result = sparsegpt_prune(
+                as_rows(layer, effective), stats.gram, stats.rows,
+                sparsity=None if self.nm else sparsity, n=self.nm.n if self.nm else None,
+                m=self.nm.m if self.nm else None, block_size=self.block_size, percdamp=self.damp)
+            new_eff = from_rows(layer, result.weight).astype(stored.dtype)
+            new_stored = np.ascontiguousarray(to_stored(new_eff, layer.source.steps))
+            ctx.store.write(tensor, new_stored)
+            error, basis = estimate_error(layer, effective, new_eff, calib)
+            done.append(PrunedWeight(
+                layer.weight, tuple(u.name for u in target.layers),
+                str(self.nm) if self.nm else "unstructured/sparsegpt", stored.size,
+                int(np.count_nonzero(stored)), int(np.count_nonzero(new_stored)), "sparsegpt",
+                calib.samples, error, basis))
+        if fallback:
+            wanda_pass = PruneWeightsPass(fallback, nm=self.nm, sparsity=self.sparsity, method="wanda")
+            for p in wanda_pass.run(ctx).details["weights"]:
+                done.append(PrunedWeight(**{**p.__dict__, "note": "SparseGPT needs a 2-D or 1x1 "
+                                            "weight; this layer fell back to wanda"}))
+        modified = any(p.nonzeros != p.nonzeros_before for p in done)
+        return PassResult(self.name, modified, {"weights": done})

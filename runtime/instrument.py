@@ -1,0 +1,148 @@
+"""Append reducers to a copy of the graph so onnxruntime returns statistics, not activations.
+
+For each prunable layer input X with channel axis c (the axis its weight reduces over):
+  sum of squares per channel  ReduceSumSquare(X, all axes but c)       -> [K]   (Wanda)
+  element count               Size(X)                                  -> K·rows
+  Gram matrix                 Xᵀ·X with X reshaped to [rows, K]        -> [K, K] (SparseGPT)
+Memory on the host is O(K) or O(K²) per layer, never O(activations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+from onnx import TensorProto, helper
+
+from sparsec.layers import Layer
+
+PREFIX = "sparsec_stat"
+
+
+@dataclass(frozen=True)
+class StatSpec:
+    """Which statistics one activation needs, and the names of the graph outputs carrying them."""
+
+    tensor: str
+    axis: int  # channel axis of the activation, negative counts from the end
+    channels: int
+    gram: bool
+    sumsq_output: str
+    size_output: str
+    gram_output: str | None
+
+
+def activation_of(layer: Layer, node: onnx.NodeProto, gemm_trans: tuple[int, int]) -> tuple[str, int]:
+    """The activation a layer multiplies with its weight, and that activation's channel axis."""
+    if layer.op in ("Conv", "ConvTranspose"):
+        return node.input[0], 1
+    if layer.op == "MatMul":
+        return (node.input[0], -1) if layer.input_index == 1 else (node.input[1], -2)
+    trans_a, trans_b = gemm_trans
+    if layer.input_index == 1:  # activation is A: [M, K], or [K, M] with transA
+        return node.input[0], 0 if trans_a else 1
+    return node.input[1], 1 if trans_b else 0  # activation is B: [K, N], or [N, K] with transB
+
+
+def plan_stats(layers: list[Layer], nodes, gram_for: set[str], ranks: dict[str, int]
+               ) -> tuple[dict[str, StatSpec], dict[str, str], list[str]]:
+    """One StatSpec per distinct (activation, axis), the spec key of each layer, and the
+    layers whose activation rank is unknown (they cannot be instrumented)."""
+    specs: dict[str, StatSpec] = {}
+    by_layer: dict[str, str] = {}
+    unknown: list[str] = []
+    for layer in layers:
+        node = nodes[layer.node_index]
+        trans = (_int_attr(node, "transA"), _int_attr(node, "transB"))
+        tensor, axis = activation_of(layer, node, trans)
+        if tensor not in ranks:
+            unknown.append(layer.name)
+            continue
+        axis = axis % ranks[tensor]
+        key = f"{tensor}|{axis}"
+        want_gram = layer.name in gram_for
+        old = specs.get(key)
+        if old is None or (want_gram and not old.gram):
+            i = len(specs) if old is None else int(old.sumsq_output.split("/")[1])
+            specs[key] = StatSpec(
+                tensor, axis, _channels(layer), want_gram or (old is not None and old.gram),
+                f"{PREFIX}/{i}/sumsq", f"{PREFIX}/{i}/size",
+                f"{PREFIX}/{i}/gram" if want_gram or (old is not None and old.gram) else None)
+        by_layer[layer.name] = key
+    return specs, by_layer, unknown
+
+
+def _channels(layer: Layer) -> int:
+    if layer.op == "Conv":
+        return layer.shape[1] * layer.groups
+    return layer.reduction_dim
+
+
+def stat_nodes(spec: StatSpec, rank: int, elem_type: int) -> list[onnx.NodeProto]:
+    """The reducer nodes for one activation (float32 arithmetic whatever the model's type)."""
+    base = spec.sumsq_output.rsplit("/", 1)[0]
+    x = spec.tensor
+    nodes = []
+    if elem_type != TensorProto.FLOAT:
+        nodes.append(helper.make_node("Cast", [x], [f"{base}/x32"], to=TensorProto.FLOAT,
+                                      name=f"{base}/cast"))
+        x = f"{base}/x32"
+    axes = [a for a in range(rank) if a != spec.axis]
+    nodes.append(helper.make_node("Constant", [], [f"{base}/axes"], name=f"{base}/axes_const",
+                                  value=helper.make_tensor("axes", TensorProto.INT64, [len(axes)], axes)))
+    nodes.append(helper.make_node("ReduceSumSquare", [x, f"{base}/axes"], [spec.sumsq_output],
+                                  keepdims=0, name=f"{base}/sumsq_node"))
+    nodes.append(helper.make_node("Size", [x], [spec.size_output], name=f"{base}/size_node"))
+    if spec.gram_output is not None:
+        rows = x
+        if spec.axis != rank - 1:
+            perm = [a for a in range(rank) if a != spec.axis] + [spec.axis]
+            nodes.append(helper.make_node("Transpose", [x], [f"{base}/xt"], perm=perm,
+                                          name=f"{base}/to_last"))
+            rows = f"{base}/xt"
+        nodes.append(helper.make_node("Constant", [], [f"{base}/shape"], name=f"{base}/shape_const",
+                                      value=helper.make_tensor("s", TensorProto.INT64, [2],
+                                                               [-1, spec.channels])))
+        nodes.append(helper.make_node("Reshape", [rows, f"{base}/shape"], [f"{base}/x2"],
+                                      name=f"{base}/rows"))
+        nodes.append(helper.make_node("Transpose", [f"{base}/x2"], [f"{base}/x2t"], perm=[1, 0],
+                                      name=f"{base}/x2t_node"))
+        nodes.append(helper.make_node("MatMul", [f"{base}/x2t", f"{base}/x2"], [spec.gram_output],
+                                      name=f"{base}/gram_node"))
+    return nodes
+
+
+def instrumented_graph(model: onnx.ModelProto, specs: list[StatSpec], ranks: dict[str, int],
+                       types: dict[str, int]) -> onnx.ModelProto:
+    """A new model computing only what the statistics need; initializers are left to the caller."""
+    g = model.graph
+    extra = [n for s in specs for n in stat_nodes(s, ranks[s.tensor], types.get(s.tensor, 1))]
+    outputs = [o for s in specs for o in (s.sumsq_output, s.size_output, s.gram_output) if o]
+    needed = _ancestors(list(g.node) + extra, outputs)
+    nodes = [n for n in list(g.node) + extra if id(n) in needed]
+    graph = helper.make_graph(nodes, f"{g.name}_stats", list(g.input),
+                              [onnx.ValueInfoProto(name=o) for o in outputs])
+    return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+
+def _ancestors(nodes: list[onnx.NodeProto], outputs: list[str]) -> set[int]:
+    producer = {o: n for n in nodes for o in n.output}
+    keep: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or id(node) in keep:
+            continue
+        keep.add(id(node))
+        stack.extend(i for i in node.input if i)
+        for attr in node.attribute:  # subgraphs may read outer-scope tensors
+            if attr.type == onnx.AttributeProto.GRAPH:
+                stack.extend(i for sub in attr.g.node for i in sub.input if i)
+    return keep
+
+
+def _int_attr(node: onnx.NodeProto, name: str) -> int:
+    for attr in node.attribute:
+        if attr.name == name:
+            return int(attr.i)
+    return 0
