@@ -16,6 +16,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -48,15 +49,11 @@ class Cell:
     def label(self) -> str:
         return f"{self.method} {self.pattern}" + (" + owl" if self.owl else "")
 
-    @property
-    def slug(self) -> str:
-        return self.label.replace(" + ", "_").replace(" ", "_").replace(":", "-").replace("%", "pc")
-
     def pattern_args(self, tool: str) -> dict[str, Any]:
-        if ":" in self.pattern:
-            n, m = (int(v) for v in self.pattern.split(":"))
-            return {"nm": self.pattern} if tool == "sparsec" else {"n": n, "m": m}
-        return {"sparsity": float(self.pattern.rstrip("%")) / 100}
+        if ":" not in self.pattern:
+            return {"sparsity": float(self.pattern.rstrip("%")) / 100}
+        n, m = (int(v) for v in self.pattern.split(":"))
+        return {"nm": self.pattern} if tool == "sparsec" else {"n": n, "m": m}
 
 
 def grid(quick: bool) -> list[Cell]:
@@ -88,7 +85,6 @@ class Task:
     calib_npz: Path
     calib_feeds: list[dict[str, np.ndarray]]
     evaluate: Callable[[Path], dict[str, float]]
-    dense: dict[str, float]
 
 
 def weight_sparsity(path: Path) -> float:
@@ -112,16 +108,23 @@ def run_sparsec(cell: Cell, task: Task, out: Path, calib_samples: int, batch: in
     if cell.owl:
         kwargs["owl"] = True
     out.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    try:
-        report = sparsec.compile(task.model, **kwargs)
-    except Exception as exc:  # a failed cell must not stop the grid
-        calibrated = cell.method != "magnitude" or cell.owl
-        print(f"  sparsec {cell.label}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return Outcome(note=NA if calibrated else f"error: {type(exc).__name__}")
-    seconds = time.perf_counter() - start
+    report, seconds, exc = _timed(lambda: sparsec.compile(task.model, **kwargs), f"sparsec {cell.label}")
+    if exc is not None:  # the API without calibrated methods: "unexpected keyword" / "is not available"
+        missing = "unexpected keyword argument" in str(exc) or "is not available" in str(exc)
+        return Outcome(note=NA if missing else f"error: {type(exc).__name__}")
     path = out / "model.onnx"
     return Outcome(task.evaluate(path), seconds, weight_sparsity(path), len(report.skipped))
+
+
+def _timed(call: Callable[[], Any], label: str) -> tuple[Any, float, Exception | None]:
+    """(result, seconds, None) or (None, 0, the exception): a failed cell must not stop the grid."""
+    start = time.perf_counter()
+    try:
+        result = call()
+    except Exception as exc:
+        print(f"  {label}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None, 0.0, exc
+    return result, time.perf_counter() - start, None
 
 
 def run_onnxsim(cell: Cell, task: Task, out: Path) -> Outcome:
@@ -134,13 +137,9 @@ def run_onnxsim(cell: Cell, task: Task, out: Path) -> Outcome:
     kwargs = cell.pattern_args("onnxsim")
     if cell.method != "magnitude":
         kwargs["calibration_data"] = task.calib_feeds
-    start = time.perf_counter()
-    try:
-        pruned = fn(str(task.model), **kwargs)
-    except Exception as exc:
-        print(f"  onnxsim {cell.label}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    pruned, seconds, exc = _timed(lambda: fn(str(task.model), **kwargs), f"onnxsim {cell.label}")
+    if exc is not None:
         return Outcome(note=f"error: {type(exc).__name__}")
-    seconds = time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(pruned, str(out))
     return Outcome(task.evaluate(out), seconds, weight_sparsity(out))
@@ -172,7 +171,7 @@ def minilm_task(n_calib: int, n_eval: int, batch: int, seed: int) -> tuple[Task,
 
     info = (f"{len(sentences)} docstring sentences; {n_calib} calibration (padded to "
             f"{calib_feeds['input_ids'].shape[1]} tokens), {n_eval} evaluation (disjoint)")
-    return Task("minilm", model, npz, _batches(calib_feeds, batch), evaluate, {}), info
+    return Task("minilm", model, npz, _batches(calib_feeds, batch), evaluate), info
 
 
 def _nearest(emb: np.ndarray) -> np.ndarray:
@@ -198,25 +197,22 @@ def digits_task(n_calib: int, batch: int, seed: int) -> tuple[Task, str]:
     dense = evaluate(model)
     info = (f"{len(data.x_train)} train / {len(data.x_test)} test images; {n_calib} calibration images "
             f"from the training split; dense test accuracy {dense['accuracy']:.4f}")
-    return Task("digits", model, npz, _batches(feeds, batch), evaluate, dense), info
-
-
-def _fmt(o: Outcome, key: str) -> str:
-    return o.note if o.note else f"{o.metrics[key]:.4f}"
+    return Task("digits", model, npz, _batches(feeds, batch), evaluate), info
 
 
 def table(cells: list[Cell], rows: dict[Cell, tuple[Outcome, Outcome]], keys: list[str]) -> str:
-    head = ["method / pattern"] + [f"sparsec {k}" for k in keys] + [
-        "sparsec time (s)", "sparsec weight sparsity", "sparsec skipped layers"] + [
-        f"onnxsim {k}" for k in keys] + ["onnxsim time (s)", "onnxsim weight sparsity"]
+    """Markdown: per tool the metrics, wall time, weight sparsity (and sparsec's skipped-layer count)."""
+    def cols(o: Outcome, tool: str) -> list[str]:
+        vals = [o.note or f"{o.metrics[k]:.4f}" for k in keys]
+        vals += ["–" if o.note else f"{o.seconds:.2f}", "–" if o.note else f"{o.sparsity:.1%}"]
+        return vals + ([] if tool == "onnxsim" else ["–" if o.skipped is None else str(o.skipped)])
+
+    head = ["method / pattern"] + [f"{tool} {c}" for tool in ("sparsec", "onnxsim") for c in (
+        *keys, "time (s)", "weight sparsity", *(["skipped layers"] if tool == "sparsec" else []))]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cell in cells:
-        s, o = rows[cell]
-        vals = [cell.label] + [_fmt(s, k) for k in keys] + [
-            f"{s.seconds:.2f}" if s.seconds else "–", f"{s.sparsity:.1%}" if s.sparsity is not None else "–",
-            str(s.skipped) if s.skipped is not None else "–"] + [_fmt(o, k) for k in keys] + [
-            f"{o.seconds:.2f}" if o.seconds else "–", f"{o.sparsity:.1%}" if o.sparsity is not None else "–"]
-        lines.append("| " + " | ".join(vals) + " |")
+        lines.append("| " + " | ".join([cell.label, *cols(rows[cell][0], "sparsec"),
+                                        *cols(rows[cell][1], "onnxsim")]) + " |")
     return "\n".join(lines)
 
 
@@ -238,22 +234,20 @@ def reading(name: str, key: str, rows: dict[Cell, tuple[Outcome, Outcome]]) -> s
     return text
 
 
-def machine() -> str:
+def provenance() -> str:
+    """Machine and code lines for a RESULTS.md section."""
     mem = next((int(line.split()[1]) / 2**20 for line in Path("/proc/meminfo").read_text().splitlines()
                 if line.startswith("MemTotal")), float("nan"))
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     load = "/".join(f"{v:.2f}" for v in os.getloadavg())
-    return (f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), {mem:.1f} GiB RAM, {cpu}; "
-            f"Python {platform.python_version()}; load average at start {load}")
-
-
-def code_version() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
 
     dirty = " + uncommitted working tree" if git("status", "--porcelain") else ""
-    return f"sparsec at commit {git('rev-parse', '--short', 'HEAD')}{dirty}"
+    return (f"- Machine: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), {mem:.1f} GiB RAM, "
+            f"{cpu}; Python {platform.python_version()}; load average at start {load}\n"
+            f"- Code: sparsec at commit {git('rev-parse', '--short', 'HEAD')}{dirty}\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -268,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     n_calib, n_eval = (16, 64) if args.quick else (args.calib_samples, args.eval)
     WORK.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
-    host, cells = machine(), grid(args.quick)
+    host, cells = provenance(), grid(args.quick)
     sections, readings = [], []
     tasks = [(minilm_task(n_calib, n_eval, args.batch, args.seed), ["cosine", "top1"]),
              (digits_task(n_calib, args.batch, args.seed), ["accuracy"])]
@@ -276,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"## {task.name}: {info}", flush=True)
         rows: dict[Cell, tuple[Outcome, Outcome]] = {}
         for cell in cells:
-            out = WORK / "quality" / task.name / cell.slug
+            out = WORK / "quality" / task.name / re.sub(r"[^a-z0-9]+", "_", cell.label)
             rows[cell] = (run_sparsec(cell, task, out / "sparsec", n_calib, args.batch),
                           run_onnxsim(cell, task, out / "onnxsim.onnx"))
             s, o = rows[cell]
@@ -289,13 +283,13 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(readings))
     if args.record:
         cmd = " ".join(["python bench/quality.py", *(sys.argv[1:] if argv is None else argv)])
-        notes = (f"- Calibration: {n_calib} samples, batch {args.batch} (sparsec: `calib=` .npz; onnxsim: the "
-                 f"same samples as feed dicts of {args.batch}); sparsec at its default options otherwise\n"
+        notes = (f"- Calibration: {n_calib} samples, batch {args.batch} (sparsec: `calib=` .npz; onnxsim: "
+                 f"the same samples as feed dicts of {args.batch}); sparsec otherwise at its defaults\n"
                  "- Weight sparsity: zeros in the initializers MatMul/Gemm/Conv nodes read as weights\n")
-        with open(HERE / "RESULTS.md", "a", encoding="utf-8") as fh:
+        with open(HERE / "RESULTS.md", "a", encoding="utf-8") as fh:  # one append, never a rewrite
             fh.write(f"\n## {started:%Y-%m-%d %H:%M} UTC: pruning quality on real models, sparsec vs onnxsim "
                      f"0.8.1\n\nCommand: `{cmd}`\n\n- Date: {started.isoformat(timespec='seconds')}\n"
-                     f"- Machine: {host}\n- Code: {code_version()}\n{notes}\n" + "\n".join(sections)
+                     f"{host}{notes}\n" + "\n".join(sections)
                      + "\nReading (generated): " + " ".join(readings) + "\n")
         print(f"appended to {HERE / 'RESULTS.md'}")
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparsec.masks import apply_mask, nm_mask, unstructured_mask
+from sparsec.masks import apply_mask, count_nonzero, nm_prune, unstructured_mask
 from sparsec.options import NMPattern
 from sparsec.pipeline import PassContext, PassResult
 from sparsec.scores import magnitude, relative_error_diagonal, relative_error_gram, wanda
@@ -71,22 +71,24 @@ class PruneWeightsPass:
         tensor = index.constant(layer.source)
         stored = ctx.store.read(tensor)
         effective = to_effective(stored, layer.source.steps)
-        scores = score(layer, effective)
         if self.nm is not None:
-            keep = nm_mask(scores, self.nm.n, self.nm.m, layer.reduction_axis)
+            scores = None if score is magnitude else score(layer, effective)
+            new_eff, before, after = nm_prune(effective, self.nm.n, self.nm.m, layer.reduction_axis,
+                                              scores)
+            pruned = np.ascontiguousarray(to_stored(new_eff, layer.source.steps))
             pattern = str(self.nm)
         else:
             sparsity = self.sparsity if ratio is None else ratio
-            keep = unstructured_mask(scores, sparsity or 0.0, self.group,
+            keep = unstructured_mask(score(layer, effective), sparsity or 0.0, self.group,
                                      output_axis=layer.output_axis,
                                      reduction_axis=layer.reduction_axis)
             pattern = f"unstructured/{self.group}"
-        pruned = apply_mask(stored, to_stored(keep, layer.source.steps))
-        before = int(np.count_nonzero(stored))
-        after = int(np.count_nonzero(pruned))
+            pruned = apply_mask(stored, to_stored(keep, layer.source.steps))
+            before, after = count_nonzero(stored), count_nonzero(pruned)
         if after != before:
             ctx.store.write(tensor, pruned)
-        error, basis = estimate_error(layer, effective, to_effective(pruned, layer.source.steps), calib)
+        error, basis = (estimate_error(layer, effective, to_effective(pruned, layer.source.steps), calib)
+                        if calib else (None, None))
         return PrunedWeight(layer.weight, tuple(u.name for u in target.layers), pattern,
                             stored.size, before, after, self.method,
                             calib.samples if calib else None, error, basis)

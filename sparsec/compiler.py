@@ -6,7 +6,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from sparsec import __version__
@@ -14,6 +13,7 @@ from sparsec.errors import SparsecError
 from sparsec.graph import TWO_GB, load_model, save_model
 from sparsec.layers import LayerAnalysis, find_layers
 from sparsec.macs import all_layer_macs, fixed_input_shapes
+from sparsec.masks import count_nonzero
 from sparsec.options import CompileOptions
 from sparsec.output import check_output_dir, staged_dir
 from sparsec.passes.calibrate import CalibratePass
@@ -47,8 +47,8 @@ def build_pipeline(options: CompileOptions, targets: list[PruneTarget], model: o
         passes.append(_prune_pass(options, group))
     if options.precision != "fp32":
         passes.append(PrecisionPass(options.precision))
-    if options.nm is not None:
-        passes.append(CheckPatternPass(targets, options.nm))
+    if options.nm is not None and options.precision != "fp32":
+        passes.append(CheckPatternPass(targets, options.nm))  # conversion must keep the zeros
     return Pipeline(passes)
 
 
@@ -145,6 +145,10 @@ def _verify(dense: Path, pruned: Path, ctx: PassContext, fixed: dict, options: C
     return result
 
 
+def _itemsize(tensor: onnx.TensorProto) -> int:
+    return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
 def _pass_entry(result: PassResult) -> dict:
     entry = {"name": result.name, "modified": result.modified, "seconds": result.seconds}
     for key in ("samples", "level", "layer_sparsity", "outlier_ratio"):
@@ -165,9 +169,14 @@ def _report(ctx: PassContext, model_path: Path, out: Path, options: CompileOptio
     for layer in analysis.layers:
         tensor = index.constant(layer.source)
         if layer.weight not in nonzeros_cache:
-            values = ctx.store.read(tensor)
-            nonzeros_cache[layer.weight] = int(np.count_nonzero(values))
-            weight_bytes[layer.weight] = values.nbytes
+            done = pruned.get(layer.name)
+            if done is not None and options.precision == "fp32":  # the pass counted already
+                nonzeros_cache[layer.weight] = done.nonzeros
+                weight_bytes[layer.weight] = done.params * _itemsize(tensor)
+            else:
+                values = ctx.store.read(tensor)
+                nonzeros_cache[layer.weight] = count_nonzero(values)
+                weight_bytes[layer.weight] = values.nbytes
         nz = nonzeros_cache[layer.weight]
         macs = macs_by_layer[layer.name]
         done = pruned.get(layer.name)

@@ -33,6 +33,34 @@ def nm_mask(scores: np.ndarray, n: int, m: int, axis: int) -> np.ndarray:
     return keep.reshape(shape)
 
 
+def nm_prune(values: np.ndarray, n: int, m: int, axis: int, scores: np.ndarray | None = None
+             ) -> tuple[np.ndarray, int, int]:
+    """N:M-prune `values` in one cache-friendly sweep: (pruned copy, non-zeros before, after).
+
+    Scores default to |values|, computed chunk by chunk with the mask and its application, so
+    each byte of a large weight is read from memory once.
+    """
+    shape = values.shape
+    if shape[axis] % m:
+        raise ValueError(f"axis {axis} of length {shape[axis]} is not divisible by {m}")
+    pre = math.prod(shape[:axis]) * (shape[axis] // m)
+    post = math.prod(shape[axis + 1 :])
+    v = np.ascontiguousarray(values).reshape(pre, m, post)
+    s = None if scores is None else np.ascontiguousarray(_nan_as_inf(scores)).reshape(pre, m, post)
+    out = np.empty_like(v)
+    bits = np.dtype(f"u{v.dtype.itemsize}")
+    before = after = 0
+    step = max(1, _CHUNK_ELEMENTS // (m * post))
+    for lo in range(0, pre, step):
+        chunk = v[lo : lo + step]
+        score = _nan_as_inf(np.abs(chunk)) if s is None else s[lo : lo + step]
+        keep = _nm_block(score, n, m)
+        np.multiply(chunk.view(bits), keep, out=out[lo : lo + step].view(bits))
+        before += int(np.count_nonzero(chunk != 0))
+        after += int(np.count_nonzero(out[lo : lo + step] != 0))
+    return out.reshape(shape), before, after
+
+
 def _nm_block(s: np.ndarray, n: int, m: int) -> np.ndarray:
     # rank[i] = how many members beat member i; one comparison settles each pair, and on a
     # tie the earlier member wins. A member is kept when fewer than n beat it.
@@ -67,17 +95,23 @@ def unstructured_mask(
 
 
 def _lowest_k_removed(rows: np.ndarray, sparsity: float) -> np.ndarray:
+    """Per row, remove the k lowest; among equal scores the earlier ones go first.
+
+    A partition finds each row's threshold in linear time; only ties at the threshold need
+    the position order, which a running count settles (same result as a stable argsort).
+    """
     k = int(round(sparsity * rows.shape[1]))
-    keep = np.ones(rows.shape, dtype=bool)
     if k <= 0:
-        return keep
+        return np.ones(rows.shape, dtype=bool)
     if k >= rows.shape[1]:
-        keep[:] = False
-        return keep
-    # stable argsort breaks ties by position; argpartition alone would be arbitrary
-    order = np.argsort(rows, axis=1, kind="stable")[:, :k]
-    np.put_along_axis(keep, order, False, axis=1)
-    return keep
+        return np.zeros(rows.shape, dtype=bool)
+    rows = np.ascontiguousarray(rows)
+    threshold = np.partition(rows, k - 1, axis=1)[:, k - 1 : k]
+    remove = rows < threshold
+    need = k - remove.sum(axis=1, keepdims=True)
+    ties = rows == threshold
+    remove |= ties & (np.cumsum(ties, axis=1) <= need)
+    return ~remove
 
 
 def apply_mask(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -88,8 +122,14 @@ def apply_mask(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """
     bits = np.dtype(f"u{values.dtype.itemsize}")
     out = np.empty(values.shape, dtype=values.dtype)
-    np.multiply(np.ascontiguousarray(values).view(bits), keep, out=out.view(bits))
+    np.multiply(np.ascontiguousarray(values).view(bits), np.ascontiguousarray(keep),
+                out=out.view(bits))
     return out
+
+
+def count_nonzero(values: np.ndarray) -> int:
+    """Non-zeros, with -0.0 counted as zero (a compare is 2× faster than numpy's float count)."""
+    return int(np.count_nonzero(values != 0))
 
 
 def satisfies_nm(weight: np.ndarray, n: int, m: int, axis: int) -> bool:
@@ -104,7 +144,7 @@ def satisfies_nm(weight: np.ndarray, n: int, m: int, axis: int) -> bool:
 
 
 def _nan_as_inf(scores: np.ndarray) -> np.ndarray:
-    # a NaN weight is never silently zeroed: it ranks highest and stays
-    if np.issubdtype(scores.dtype, np.floating) and np.isnan(scores).any():
+    # a NaN weight is never silently zeroed: it ranks highest and stays (max propagates NaN)
+    if scores.size and np.issubdtype(scores.dtype, np.floating) and np.isnan(scores.max()):
         return np.where(np.isnan(scores), np.inf, scores)
     return scores

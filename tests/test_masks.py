@@ -108,3 +108,30 @@ def test_unstructured_conv_input_group_spans_kernel_positions():
     per_input = (~keep).sum(axis=(0, 2, 3))
     assert (per_input == round(0.25 * 4 * 9)).all()
     assert math.isclose((~keep).mean(), 9 / 36)
+
+
+@settings(max_examples=80, deadline=None)
+@given(nm_case())
+def test_fused_nm_prune_equals_mask_then_apply(case):
+    from sparsec.masks import apply_mask, count_nonzero, nm_prune
+
+    scores, n, m, axis = case
+    rng = np.random.default_rng(int(scores.size))
+    values = (scores * rng.choice([-1.0, 1.0], scores.shape)).astype(np.float32)
+    pruned, before, after = nm_prune(values, n, m, axis)
+    expected = apply_mask(values, nm_mask(np.abs(values), n, m, axis))
+    assert (pruned.view(np.uint32) == expected.view(np.uint32)).all()  # bit for bit, +0.0 included
+    assert (before, after) == (count_nonzero(values), count_nonzero(expected))
+
+
+@settings(max_examples=80, deadline=None)
+@given(rows=st.integers(1, 6), cols=st.integers(1, 30), sparsity=st.floats(0.0, 0.99),
+       seed=st.integers(0, 1000))
+def test_unstructured_ties_match_stable_argsort(rows, cols, sparsity, seed):
+    scores = np.random.default_rng(seed).integers(0, 4, (rows, cols)).astype(np.float32)
+    keep = unstructured_mask(scores, sparsity, "output", output_axis=0, reduction_axis=1)
+    k = int(round(sparsity * cols))
+    expected = np.ones_like(keep)
+    order = np.argsort(scores, axis=1, kind="stable")[:, :k]
+    np.put_along_axis(expected, order, False, axis=1)
+    np.testing.assert_array_equal(keep, expected)
