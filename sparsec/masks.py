@@ -84,34 +84,55 @@ def unstructured_mask(
     """
     if group not in GROUPS:
         raise ValueError(f"unknown comparison group {group!r}; choose one of {GROUPS}")
+    scores = _nan_as_inf(scores)
     if group == "layer":
-        rows = _nan_as_inf(scores).reshape(1, -1)
-        return _lowest_k_removed(rows, sparsity).reshape(scores.shape)
+        return _lowest_k_removed(scores.reshape(1, -1), sparsity, 1).reshape(scores.shape)
     axis = output_axis if group == "output" else reduction_axis
-    moved = np.moveaxis(_nan_as_inf(scores), axis, 0)
-    rows = moved.reshape(moved.shape[0], -1)
-    keep = _lowest_k_removed(rows, sparsity).reshape(moved.shape)
+    if axis == 0:  # groups are rows of a [A, rest] view: no copy
+        return _lowest_k_removed(scores.reshape(scores.shape[0], -1), sparsity, 1).reshape(scores.shape)
+    if axis == scores.ndim - 1:  # groups are columns of a [rest, A] view
+        return _lowest_k_removed(scores.reshape(-1, scores.shape[-1]), sparsity, 0).reshape(scores.shape)
+    moved = np.moveaxis(scores, axis, 0)
+    keep = _lowest_k_removed(moved.reshape(moved.shape[0], -1), sparsity, 1).reshape(moved.shape)
     return np.moveaxis(keep, 0, axis)
 
 
-def _lowest_k_removed(rows: np.ndarray, sparsity: float) -> np.ndarray:
-    """Per row, remove the k lowest; among equal scores the earlier ones go first.
+def _lowest_k_removed(table: np.ndarray, sparsity: float, along: int) -> np.ndarray:
+    """Remove the k lowest of every group running along axis `along` of a 2-D table.
 
-    A partition finds each row's threshold in linear time; only ties at the threshold need
-    the position order, which a running count settles (same result as a stable argsort).
+    A partition finds each group's threshold in linear time. Groups where ties at the
+    threshold would remove more than k are redone with a stable sort, so among equal scores
+    the earlier ones go first (the same result as a stable argsort everywhere).
     """
-    k = int(round(sparsity * rows.shape[1]))
+    size = table.shape[along]
+    k = int(round(sparsity * size))
     if k <= 0:
-        return np.ones(rows.shape, dtype=bool)
-    if k >= rows.shape[1]:
-        return np.zeros(rows.shape, dtype=bool)
-    rows = np.ascontiguousarray(rows)
-    threshold = np.partition(rows, k - 1, axis=1)[:, k - 1 : k]
-    remove = rows < threshold
-    need = k - remove.sum(axis=1, keepdims=True)
-    ties = rows == threshold
-    remove |= ties & (np.cumsum(ties, axis=1) <= need)
-    return ~remove
+        return np.ones(table.shape, dtype=bool)
+    if k >= size:
+        return np.zeros(table.shape, dtype=bool)
+    keep = table > _kth_smallest(table, k, along)
+    removed = size - keep.sum(axis=along)
+    for g in np.flatnonzero(removed != k):
+        line = table[g] if along == 1 else table[:, g]
+        fixed = np.ones(size, dtype=bool)
+        fixed[np.argsort(line, kind="stable")[:k]] = False
+        if along == 1:
+            keep[g] = fixed
+        else:
+            keep[:, g] = fixed
+    return keep
+
+
+def _kth_smallest(table: np.ndarray, k: int, along: int) -> np.ndarray:
+    """Each group's k-th smallest score, shaped to broadcast against the table."""
+    if along == 1:
+        return np.partition(table, k - 1, axis=1)[:, k - 1 : k]
+    # columns: partition cache-sized transposed blocks instead of strided columns
+    out = np.empty((1, table.shape[1]), dtype=table.dtype)
+    for j in range(0, table.shape[1], 256):
+        block = np.ascontiguousarray(table[:, j : j + 256].T)
+        out[0, j : j + 256] = np.partition(block, k - 1, axis=1)[:, k - 1]
+    return out
 
 
 def apply_mask(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
