@@ -1,11 +1,9 @@
 """Pruning quality on real models: sparsec beside onnxsim 0.8.1's pruning, same grid, same data.
 
-MiniLM (all-MiniLM-L6-v2, real weights) on stdlib docstring sentences, disjoint calibration and evaluation
-sets: mean cosine of pruned to dense sentence embeddings, and top-1 retrieval agreement (each evaluation
-sentence queries all OTHER evaluation sentences; agreement = fraction of queries whose pruned-model nearest
-neighbour is the dense model's). Digits CNN: test accuracy. Each cell times one call per tool (calibration
-included; sparsec without verify), one after the other in this process. Calls the installed sparsec
-cannot make yet print "n/a (not available)".
+MiniLM on stdlib docstring sentences (disjoint calibration / evaluation sets): mean cosine of pruned to dense
+sentence embeddings; top-1 retrieval agreement (each evaluation sentence queries all OTHER evaluation
+sentences; the fraction whose pruned nearest neighbour is the dense one). Digits CNN: test accuracy. Each
+cell times one call per tool (calibration included; sparsec without verify), one after the other.
 
     python bench/quality.py [--quick] [--record] [--calib-samples 128] [--batch 16] [--eval 500]
 """
@@ -204,7 +202,7 @@ def table(cells: list[Cell], rows: dict[Cell, tuple[Outcome, Outcome]], keys: li
     """Markdown: per tool the metrics, wall time, weight sparsity (and sparsec's skipped-layer count)."""
     def cols(o: Outcome, tool: str) -> list[str]:
         vals = [o.note or f"{o.metrics[k]:.4f}" for k in keys]
-        vals += ["–" if o.note else f"{o.seconds:.2f}", "–" if o.note else f"{o.sparsity:.1%}"]
+        vals += ["–" if o.note else f"{o.seconds:.3g}", "–" if o.note else f"{o.sparsity:.1%}"]
         return vals + ([] if tool == "onnxsim" else ["–" if o.skipped is None else str(o.skipped)])
 
     head = ["method / pattern"] + [f"{tool} {c}" for tool in ("sparsec", "onnxsim") for c in (
@@ -224,11 +222,17 @@ def reading(name: str, key: str, rows: dict[Cell, tuple[Outcome, Outcome]]) -> s
     ahead = [c.label for c, s, o in both if s.metrics[key] > o.metrics[key] + 1e-4]
     behind = [f"{c.label} ({s.metrics[key]:.3f} vs {o.metrics[key]:.3f})" for c, s, o in both
               if s.metrics[key] < o.metrics[key] - 1e-4]
-    ratio = np.median([o.seconds / s.seconds for _, s, o in both if s.seconds and o.seconds])
-    missing = [c.label for c, (s, _) in rows.items() if s.note]
+    ratio = np.median([o.seconds / max(s.seconds, 1e-3) for _, s, o in both])
     text = (f"{name} ({key}): of {len(both)} cells with numbers from both tools, sparsec is ahead in "
-            f"{len(ahead)}, behind in {len(behind)}" + (f" ({'; '.join(behind)})" if behind else "")
-            + f"; median onnxsim/sparsec time {ratio:.1f}x.")
+            f"{len(ahead)}, tied in {len(both) - len(ahead) - len(behind)}, behind in {len(behind)}"
+            + (f" ({'; '.join(behind)})" if behind else "") + f"; median onnxsim/sparsec time {ratio:.1f}x.")
+    for pattern in ("2:4", "60%"):
+        best = [max(((out.metrics[key], c.label) for c, pair in rows.items() for out in [pair[i]]
+                     if c.pattern == pattern and not out.note), default=None) for i in (0, 1)]
+        if all(best):
+            text += (f" Best at {pattern}: sparsec {best[0][0]:.3f} ({best[0][1]}), "
+                     f"onnxsim {best[1][0]:.3f} ({best[1][1]}).")
+    missing = [c.label for c, (s, _) in rows.items() if s.note]
     if missing:
         text += f" sparsec gave no numbers for {len(missing)} cells: {', '.join(missing)}."
     return text

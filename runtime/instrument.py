@@ -78,7 +78,7 @@ def _channels(layer: Layer) -> int:
     return layer.reduction_dim
 
 
-def stat_nodes(spec: StatSpec, rank: int, elem_type: int) -> list[onnx.NodeProto]:
+def stat_nodes(spec: StatSpec, rank: int, elem_type: int, opset: int) -> list[onnx.NodeProto]:
     """The reducer nodes for one activation (float32 arithmetic whatever the model's type)."""
     base = spec.sumsq_output.rsplit("/", 1)[0]
     x = spec.tensor
@@ -88,10 +88,15 @@ def stat_nodes(spec: StatSpec, rank: int, elem_type: int) -> list[onnx.NodeProto
                                       name=f"{base}/cast"))
         x = f"{base}/x32"
     axes = [a for a in range(rank) if a != spec.axis]
-    nodes.append(helper.make_node("Constant", [], [f"{base}/axes"], name=f"{base}/axes_const",
-                                  value=helper.make_tensor("axes", TensorProto.INT64, [len(axes)], axes)))
-    nodes.append(helper.make_node("ReduceSumSquare", [x, f"{base}/axes"], [spec.sumsq_output],
-                                  keepdims=0, name=f"{base}/sumsq_node"))
+    if opset >= 18:  # axes became an input in opset 18
+        nodes.append(helper.make_node("Constant", [], [f"{base}/axes"], name=f"{base}/axes_const",
+                                      value=helper.make_tensor("axes", TensorProto.INT64, [len(axes)],
+                                                               axes)))
+        nodes.append(helper.make_node("ReduceSumSquare", [x, f"{base}/axes"], [spec.sumsq_output],
+                                      keepdims=0, name=f"{base}/sumsq_node"))
+    else:
+        nodes.append(helper.make_node("ReduceSumSquare", [x], [spec.sumsq_output], axes=axes,
+                                      keepdims=0, name=f"{base}/sumsq_node"))
     nodes.append(helper.make_node("Size", [x], [spec.size_output], name=f"{base}/size_node"))
     if spec.gram_output is not None:
         rows = x
@@ -116,24 +121,28 @@ def instrumented_graph(model: onnx.ModelProto, specs: list[StatSpec], ranks: dic
                        types: dict[str, int]) -> onnx.ModelProto:
     """A new model computing only what the statistics need; initializers are left to the caller."""
     g = model.graph
-    extra = [n for s in specs for n in stat_nodes(s, ranks[s.tensor], types.get(s.tensor, 1))]
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    extra = [n for s in specs for n in stat_nodes(s, ranks[s.tensor], types.get(s.tensor, 1), opset)]
     outputs = [o for s in specs for o in (s.sumsq_output, s.size_output, s.gram_output) if o]
-    needed = _ancestors(list(g.node) + extra, outputs)
-    nodes = [n for n in list(g.node) + extra if id(n) in needed]
+    every = list(g.node) + extra
+    needed = _ancestors(every, outputs)
+    nodes = [n for i, n in enumerate(every) if i in needed]
     graph = helper.make_graph(nodes, f"{g.name}_stats", list(g.input),
                               [onnx.ValueInfoProto(name=o) for o in outputs])
     return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
 
 
 def _ancestors(nodes: list[onnx.NodeProto], outputs: list[str]) -> set[int]:
-    producer = {o: n for n in nodes for o in n.output}
+    """Positions of the nodes the outputs depend on (protobuf wrappers have no stable id())."""
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
     keep: set[int] = set()
     stack = list(outputs)
     while stack:
-        node = producer.get(stack.pop())
-        if node is None or id(node) in keep:
+        i = producer.get(stack.pop())
+        if i is None or i in keep:
             continue
-        keep.add(id(node))
+        keep.add(i)
+        node = nodes[i]
         stack.extend(i for i in node.input if i)
         for attr in node.attribute:  # subgraphs may read outer-scope tensors
             if attr.type == onnx.AttributeProto.GRAPH:

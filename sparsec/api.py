@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from sparsec.compiler import compile_model
 from sparsec.inspection import InspectReport, inspect_model
@@ -27,11 +28,28 @@ def compile(  # noqa: A001 - the natural name for a compiler's entry point
     nm_everywhere: bool = False,
     min_params: int = 256,
     precision: str = "fp32",
+    calib: Any = None,
+    calib_random: int | None = None,
+    calib_range: dict[str, tuple[float, float]] | None = None,
+    calib_samples: int | None = None,
+    batch: int = 8,
+    providers: tuple[str, ...] | list[str] = ("cpu",),
+    quiet: bool = True,
+    sequential: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    owl: bool = False,
+    owl_lambda: float = 0.08,
+    owl_m: float = 5.0,
 ) -> Report:
     """Prune an ONNX model and write OUTDIR/model.onnx and OUTDIR/report.json.
 
+    `calib` is a .npz file, a directory of .npy/.npz files, or a reader object with
+    `get_next()` returning a feed dict or None (onnxruntime's CalibrationDataReader).
+
     Example:
         report = sparsec.compile("model.onnx", nm="2:4", output="out/")
+        report = sparsec.compile("bert.onnx", nm="2:4", method="sparsegpt", calib="calib.npz")
         print(report.totals["sparsity"], report.verify["max_abs_diff"])
     """
     options = CompileOptions(
@@ -39,6 +57,10 @@ def compile(  # noqa: A001 - the natural name for a compiler's entry point
         sparsity=sparsity, method=method, group=group, include=include, exclude=exclude,
         shapes=dict(shapes or {}), verify=verify, force=force, seed=seed,
         nm_everywhere=nm_everywhere, min_params=min_params, precision=precision,
+        calib=calib, calib_random=calib_random, calib_range=dict(calib_range or {}),
+        calib_samples=calib_samples, batch=batch, providers=tuple(providers), quiet=quiet,
+        sequential=sequential, damp=damp, block_size=block_size, owl=owl, owl_lambda=owl_lambda,
+        owl_m=owl_m,
     )
     return compile_model(model, options, output)
 

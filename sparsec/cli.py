@@ -62,7 +62,9 @@ def cli(verbose: bool) -> None:
               help="Output directory (default: <model stem>_sparse/ beside the model).")
 @click.option("--nm", help="N:M pattern along the reduction axis, e.g. 2:4 or 4:8.")
 @click.option("--sparsity", type=float, help="Unstructured sparsity in [0, 1).")
-@click.option("--method", default="magnitude", show_default=True, help="Weight score: magnitude.")
+@click.option("--method", default="magnitude", show_default=True,
+              help="Weight score: magnitude, wanda (|W|·‖X‖, needs calibration) or sparsegpt "
+                   "(second order with weight update, needs calibration).")
 @click.option("--group", default="output", show_default=True,
               type=click.Choice(["output", "layer", "input"]),
               help="Comparison group for unstructured pruning.")
@@ -77,6 +79,26 @@ def cli(verbose: bool) -> None:
 @click.option("--precision", default="fp32", show_default=True,
               type=click.Choice(["fp32", "fp16", "bf16"]),
               help="Convert the output model (TensorRT's sparse kernels need fp16/bf16).")
+@click.option("--calib", metavar="FILE.npz|DIR",
+              help="Calibration data: arrays keyed by input name, axis 0 = samples.")
+@click.option("--calib-random", type=int, metavar="N", help="Draw N calibration samples from the input spec.")
+@click.option("--calib-range", "calib_range", multiple=True, metavar="NAME=lo,hi",
+              help="Integer range of a random input, e.g. input_ids=0,30522 (repeatable).")
+@click.option("--calib-samples", type=int, metavar="N", help="Use the first N calibration samples.")
+@click.option("--batch", type=int, default=8, show_default=True, help="Calibration batch size.")
+@click.option("--providers", default="cpu", show_default=True,
+              help="onnxruntime execution providers for calibration, e.g. cuda,cpu.")
+@click.option("--sequential", is_flag=True,
+              help="Calibrate level by level with earlier layers already pruned.")
+@click.option("--damp", type=float, default=0.01, show_default=True,
+              help="SparseGPT damping, as a fraction of the mean Hessian diagonal.")
+@click.option("--block-size", type=int, default=128, show_default=True, help="SparseGPT block size.")
+@click.option("--owl", is_flag=True, help="Outlier-weighed layerwise sparsity (unstructured only).")
+@click.option("--owl-lambda", type=float, default=0.08, show_default=True,
+              help="OWL: layer sparsities stay within S ± lambda.")
+@click.option("--owl-m", type=float, default=5.0, show_default=True,
+              help="OWL: a score above M times its layer's mean is an outlier.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison with the dense model.")
 @click.option("--force", is_flag=True, help="Overwrite the output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
@@ -85,6 +107,9 @@ def cli(verbose: bool) -> None:
 def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: float | None,
                 method: str, group: str, include: str | None, exclude: str | None,
                 shapes: tuple[str, ...], nm_everywhere: bool, min_params: int, precision: str,
+                calib: str | None, calib_random: int | None, calib_range: tuple[str, ...],
+                calib_samples: int | None, batch: int, providers: str, sequential: bool, damp: float,
+                block_size: int, owl: bool, owl_lambda: float, owl_m: float, quiet: bool,
                 no_verify: bool, force: bool, as_json: bool, seed: int) -> None:
     """Prune MODEL and write OUTDIR/model.onnx and OUTDIR/report.json.
 
@@ -93,14 +118,22 @@ def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: floa
       sparsec compile model.onnx --nm 2:4 -o out/
       sparsec compile model.onnx --nm 4:8 --exclude 'lm_head' --precision fp16 -o out/
       sparsec compile model.onnx --sparsity 0.6 --shape input_ids=1,128 --json
+      sparsec compile bert.onnx --nm 2:4 --method sparsegpt --calib calib.npz -o out/
+      sparsec compile bert.onnx --sparsity 0.6 --method wanda --owl --calib-random 64 \
+          --shape input_ids=1,128 --shape attention_mask=1,128 --calib-range input_ids=0,30522
     """
     from sparsec.report import summary_table
+    from sparsec.runtime.calib_data import parse_ranges
 
     report = api.compile(
         model, output=output, nm=nm, sparsity=sparsity, method=method, group=group,
         include=include, exclude=exclude, shapes=parse_shapes(shapes), verify=not no_verify,
         force=force, seed=seed, nm_everywhere=nm_everywhere, min_params=min_params,
-        precision=precision,
+        precision=precision, calib=calib, calib_random=calib_random,
+        calib_range=parse_ranges(calib_range), calib_samples=calib_samples, batch=batch,
+        providers=tuple(p for p in providers.split(",") if p), quiet=quiet or as_json,
+        sequential=sequential, damp=damp, block_size=block_size, owl=owl, owl_lambda=owl_lambda,
+        owl_m=owl_m,
     )
     click.echo(report.to_json() if as_json else summary_table(report))
 
