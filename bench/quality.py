@@ -143,9 +143,13 @@ def run_onnxsim(cell: Cell, task: Task, out: Path) -> Outcome:
     return Outcome(task.evaluate(out), seconds, weight_sparsity(out))
 
 
-def _batches(feeds: dict[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]]:
+def _task(name: str, model: Path, feeds: dict[str, np.ndarray], batch: int,
+          evaluate: Callable[[Path], dict[str, float]]) -> Task:
+    """Calibration samples as one .npz (sparsec's `calib=`) and as feed dicts of `batch` (onnxsim)."""
+    np.savez(npz := WORK / f"{name}_calib.npz", **feeds)
     n = len(next(iter(feeds.values())))
-    return [{k: v[i:i + batch] for k, v in feeds.items()} for i in range(0, n, batch)]
+    return Task(name, model, npz, [{k: v[i:i + batch] for k, v in feeds.items()} for i in range(0, n, batch)],
+                evaluate)
 
 
 def minilm_task(n_calib: int, n_eval: int, batch: int, seed: int) -> tuple[Task, str]:
@@ -156,8 +160,6 @@ def minilm_task(n_calib: int, n_eval: int, batch: int, seed: int) -> tuple[Task,
     calib, evals = corpus.split(sentences, n_calib, n_eval, seed)
     tok = tokenizer()
     calib_feeds = corpus.tokenize(calib, tok, max_len=64)  # one length: the calibration set's longest
-    npz = WORK / f"minilm_calib_{n_calib}_s{seed}.npz"
-    np.savez(npz, **calib_feeds)
     eval_feeds = corpus.tokenize(evals, tok, max_len=64)
     dense = embed(model, eval_feeds)
     dense_nn = _nearest(dense)
@@ -169,7 +171,7 @@ def minilm_task(n_calib: int, n_eval: int, batch: int, seed: int) -> tuple[Task,
 
     info = (f"{len(sentences)} docstring sentences; {n_calib} calibration (padded to "
             f"{calib_feeds['input_ids'].shape[1]} tokens), {n_eval} evaluation (disjoint)")
-    return Task("minilm", model, npz, _batches(calib_feeds, batch), evaluate), info
+    return _task("minilm", model, calib_feeds, batch, evaluate), info
 
 
 def _nearest(emb: np.ndarray) -> np.ndarray:
@@ -185,9 +187,6 @@ def digits_task(n_calib: int, batch: int, seed: int) -> tuple[Task, str]:
     model = WORK / "digits_cnn.onnx"
     onnx.save(data.model, str(model))
     pick = np.random.default_rng(seed).permutation(len(data.x_train))[:n_calib]
-    feeds = {"input": data.x_train[pick]}
-    npz = WORK / f"digits_calib_{n_calib}_s{seed}.npz"
-    np.savez(npz, **feeds)
 
     def evaluate(path: Path) -> dict[str, float]:
         return {"accuracy": accuracy(path, data.x_test, data.y_test)}
@@ -195,7 +194,7 @@ def digits_task(n_calib: int, batch: int, seed: int) -> tuple[Task, str]:
     dense = evaluate(model)
     info = (f"{len(data.x_train)} train / {len(data.x_test)} test images; {n_calib} calibration images "
             f"from the training split; dense test accuracy {dense['accuracy']:.4f}")
-    return Task("digits", model, npz, _batches(feeds, batch), evaluate), info
+    return _task("digits", model, {"input": data.x_train[pick]}, batch, evaluate), info
 
 
 def table(cells: list[Cell], rows: dict[Cell, tuple[Outcome, Outcome]], keys: list[str]) -> str:
@@ -258,10 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny grid: 16 calibration, 64 evaluation, 2:4")
     ap.add_argument("--record", action="store_true", help="append a section to bench/RESULTS.md")
-    ap.add_argument("--calib-samples", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--eval", type=int, default=500, help="MiniLM evaluation sentences")
-    ap.add_argument("--seed", type=int, default=0)
+    for flag, default in (("--calib-samples", 128), ("--batch", 16), ("--eval", 500), ("--seed", 0)):
+        ap.add_argument(flag, type=int, default=default)  # --eval: MiniLM evaluation sentences
     args = ap.parse_args(argv)
     n_calib, n_eval = (16, 64) if args.quick else (args.calib_samples, args.eval)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -296,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{host}{notes}\n" + "\n".join(sections)
                      + "\nReading (generated): " + " ".join(readings) + "\n")
         print(f"appended to {HERE / 'RESULTS.md'}")
+
 
 if __name__ == "__main__":
     main()

@@ -219,3 +219,29 @@ def test_calibration_data_mismatch_names_the_input(tmp_path):
     with pytest.raises(sparsec.SparsecError, match="x"):
         sparsec.compile(src, output=tmp_path / "o", nm="2:4", method="wanda", calib=tmp_path / "bad.npz")
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_calibrated_compile_with_random_data(tmp_path, transformer_models):
+    import json
+
+    from click.testing import CliRunner
+
+    from sparsec.cli import cli
+
+    src = tmp_path / "enc.onnx"
+    onnx.save(transformer_models["torchscript"], src)
+    args = ["compile", str(src), "--nm", "2:4", "--method", "sparsegpt", "--calib-random", "6",
+            "--calib-range", "input_ids=0,100", "--shape", "input_ids=1,9",
+            "--shape", "attention_mask=1,9", "--batch", "4", "--sequential", "--min-params", "0",
+            "-o", str(tmp_path / "o"), "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    pruned = [e for e in report["layers"] if e["skipped_reason"] is None]
+    assert len(pruned) == 12 and {e["method"] for e in pruned} == {"sparsegpt"}
+    assert all(e["rel_error_basis"] == "gram" and e["calib_samples"] == 6 for e in pruned)
+    levels = [p["level"] for p in report["passes"] if p["name"] == "calibrate"]
+    assert levels == sorted(set(levels)) and len(levels) == 8  # q|k|v, o, ffn1, ffn2 per layer
+    bad = CliRunner().invoke(cli, ["compile", str(src), "--nm", "2:4", "--method", "wanda",
+                                   "-o", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "needs calibration data" in bad.stderr
