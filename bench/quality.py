@@ -145,8 +145,11 @@ def run_onnxsim(cell: Cell, task: Task, out: Path) -> Outcome:
 
 def _task(name: str, model: Path, feeds: dict[str, np.ndarray], batch: int,
           evaluate: Callable[[Path], dict[str, float]]) -> Task:
-    """Calibration samples as one .npz (sparsec's `calib=`) and as feed dicts of `batch` (onnxsim)."""
-    np.savez(npz := WORK / f"{name}_calib.npz", **feeds)
+    """Calibration samples as one .npz (sparsec's `calib=`) and as feed dicts of `batch` (onnxsim).
+
+    sparsec's .npz holds [sample, *input shape]: each sample is a feed of batch 1, hence `v[:, None]`.
+    """
+    np.savez(npz := WORK / f"{name}_calib.npz", **{k: v[:, None] for k, v in feeds.items()})
     n = len(next(iter(feeds.values())))
     return Task(name, model, npz, [{k: v[i:i + batch] for k, v in feeds.items()} for i in range(0, n, batch)],
                 evaluate)

@@ -22,6 +22,16 @@ from .cnn import build_cnn
 from .example import build_example
 from .gemm import build_gemm_transb
 from .mlp import build_mlp
+from .structured import (
+    build_c2f,
+    build_grouped,
+    build_mobilenetv3,
+    build_reshape_gemm,
+    build_resnet,
+    build_resnet_224,
+    build_structured_mlp,
+    build_unet,
+)
 from .transformer import build_transformer_encoder
 from .weights import build_weight_paths
 
@@ -32,6 +42,14 @@ GOLDEN: dict[str, Callable[..., onnx.ModelProto]] = {
     "weight_paths": build_weight_paths,
     "transformer": build_transformer_encoder,
     "example": build_example,
+    "resnet": build_resnet,
+    "resnet_224": build_resnet_224,
+    "mobilenetv3": build_mobilenetv3,
+    "c2f": build_c2f,
+    "unet": build_unet,
+    "structured_mlp": build_structured_mlp,
+    "reshape_gemm": build_reshape_gemm,
+    "grouped": build_grouped,
 }
 
 

@@ -26,6 +26,7 @@ class ActivationStats:
     axis: int
     channels: int
     sumsq: np.ndarray  # [K] float64: Σ x_j² over every row
+    sums: np.ndarray  # [K] float64: Σ x_j (means for intercepts)
     rows: int  # how many rows (samples × positions) went in
     gram: np.ndarray | None  # [K, K] float64: Σ x xᵀ, when asked for
 
@@ -70,7 +71,7 @@ def collect_stats(model: onnx.ModelProto, store: TensorStore, layers: list[Layer
     used = {i for n in graph.graph.node for i in n.input}
     tensors = [t for t in model.graph.initializer if t.name in used]
     session = session_with_values(graph, tensors, store, list(settings.providers))
-    sums = {s.sumsq_output: np.zeros(s.channels) for s in spec_list}
+    sums = {o: np.zeros(s.channels) for s in spec_list for o in (s.sumsq_output, s.sum_output)}
     grams = {s.gram_output: np.zeros((s.channels, s.channels)) for s in spec_list if s.gram_output}
     rows = {s.size_output: 0 for s in spec_list}
     names = [o.name for o in graph.graph.output]
@@ -80,6 +81,7 @@ def collect_stats(model: onnx.ModelProto, store: TensorStore, layers: list[Layer
             outs = dict(zip(names, session.run(names, feeds), strict=True))
             for spec in spec_list:
                 sums[spec.sumsq_output] += outs[spec.sumsq_output]
+                sums[spec.sum_output] += outs[spec.sum_output]
                 rows[spec.size_output] += int(outs[spec.size_output]) // spec.channels
                 if spec.gram_output:
                     grams[spec.gram_output] += outs[spec.gram_output]
@@ -101,7 +103,7 @@ def collect_stats(model: onnx.ModelProto, store: TensorStore, layers: list[Layer
 
 def _stats(spec: StatSpec, sums, rows, grams) -> ActivationStats:
     return ActivationStats(spec.tensor, spec.axis, spec.channels, sums[spec.sumsq_output],
-                           rows[spec.size_output], grams.get(spec.gram_output))
+                           sums[spec.sum_output], rows[spec.size_output], grams.get(spec.gram_output))
 
 
 def _activation_name(layer: Layer, nodes) -> str:

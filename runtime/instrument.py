@@ -28,6 +28,7 @@ class StatSpec:
     channels: int
     gram: bool
     sumsq_output: str
+    sum_output: str
     size_output: str
     gram_output: str | None
 
@@ -66,7 +67,7 @@ def plan_stats(layers: list[Layer], nodes, gram_for: set[str], ranks: dict[str, 
             i = len(specs) if old is None else int(old.sumsq_output.split("/")[1])
             specs[key] = StatSpec(
                 tensor, axis, _channels(layer), want_gram or (old is not None and old.gram),
-                f"{PREFIX}/{i}/sumsq", f"{PREFIX}/{i}/size",
+                f"{PREFIX}/{i}/sumsq", f"{PREFIX}/{i}/sum", f"{PREFIX}/{i}/size",
                 f"{PREFIX}/{i}/gram" if want_gram or (old is not None and old.gram) else None)
         by_layer[layer.name] = key
     return specs, by_layer, unknown
@@ -92,11 +93,21 @@ def stat_nodes(spec: StatSpec, rank: int, elem_type: int, opset: int) -> list[on
         nodes.append(helper.make_node("Constant", [], [f"{base}/axes"], name=f"{base}/axes_const",
                                       value=helper.make_tensor("axes", TensorProto.INT64, [len(axes)],
                                                                axes)))
-        nodes.append(helper.make_node("ReduceSumSquare", [x, f"{base}/axes"], [spec.sumsq_output],
-                                      keepdims=0, name=f"{base}/sumsq_node"))
+        for op, out in (("ReduceSumSquare", spec.sumsq_output), ("ReduceSum", spec.sum_output)):
+            nodes.append(helper.make_node(op, [x, f"{base}/axes"], [out], keepdims=0,
+                                          name=f"{out}_node"))
     else:
         nodes.append(helper.make_node("ReduceSumSquare", [x], [spec.sumsq_output], axes=axes,
-                                      keepdims=0, name=f"{base}/sumsq_node"))
+                                      keepdims=0, name=f"{spec.sumsq_output}_node"))
+        if opset >= 13:  # ReduceSum took axes as an input from opset 13
+            nodes.append(helper.make_node("Constant", [], [f"{base}/axes"], name=f"{base}/axes_const",
+                                          value=helper.make_tensor("axes", TensorProto.INT64,
+                                                                   [len(axes)], axes)))
+            nodes.append(helper.make_node("ReduceSum", [x, f"{base}/axes"], [spec.sum_output],
+                                          keepdims=0, name=f"{spec.sum_output}_node"))
+        else:
+            nodes.append(helper.make_node("ReduceSum", [x], [spec.sum_output], axes=axes, keepdims=0,
+                                          name=f"{spec.sum_output}_node"))
     nodes.append(helper.make_node("Size", [x], [spec.size_output], name=f"{base}/size_node"))
     if spec.gram_output is not None:
         rows = x
@@ -123,7 +134,7 @@ def instrumented_graph(model: onnx.ModelProto, specs: list[StatSpec], ranks: dic
     g = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     extra = [n for s in specs for n in stat_nodes(s, ranks[s.tensor], types.get(s.tensor, 1), opset)]
-    outputs = [o for s in specs for o in (s.sumsq_output, s.size_output, s.gram_output) if o]
+    outputs = [o for s in specs for o in (s.sumsq_output, s.sum_output, s.size_output, s.gram_output) if o]
     every = list(g.node) + extra
     needed = _ancestors(every, outputs)
     nodes = [n for i, n in enumerate(every) if i in needed]

@@ -86,6 +86,20 @@ class CompileOptions:
     owl: bool = False
     owl_lambda: float = 0.08
     owl_m: float = 5.0
+    channels: float | None = None
+    channels_per_layer_max: float = 1.0
+    channel_score: str = "l1"
+    round_to: int = 1
+    fold_bn: bool | None = None  # None: on for --channels, off for weight pruning
+    recover: bool = False
+
+    @property
+    def structured(self) -> bool:
+        return self.channels is not None
+
+    @property
+    def folds_bn(self) -> bool:
+        return self.structured if self.fold_bn is None else self.fold_bn
 
     @property
     def calibrated(self) -> bool:
@@ -102,7 +116,7 @@ class CompileOptions:
                             ("--batch", self.batch), ("--block-size", self.block_size)):
             if value is not None and value < 1:
                 raise SparsecError(f"{flag} {value} must be at least 1")
-        needs = [f"--method {self.method}"] if self.method in CALIBRATED else []
+        needs = [f"--method {self.method}"] if self.method in CALIBRATED and not self.structured else []
         needs += ["--owl"] if self.owl else []
         needs += ["--sequential"] if self.sequential else []
         if needs and not self.calibrated:
@@ -117,9 +131,34 @@ class CompileOptions:
         if self.owl_m <= 0:
             raise SparsecError(f"--owl-m {self.owl_m} must be positive")
 
+    def _check_channels(self) -> None:
+        if self.channels is None:
+            if self.recover:
+                raise SparsecError("--recover refits layers after --channels; give --channels R")
+            return
+        if not 0.0 <= self.channels < 1.0:
+            raise SparsecError(f"--channels {self.channels} is out of range",
+                               "use 0 <= R < 1: the fraction of prunable channels to remove")
+        if not 0.0 < self.channels_per_layer_max <= 1.0:
+            raise SparsecError(f"--channels-per-layer-max {self.channels_per_layer_max} is out of range",
+                               "use 0 < max <= 1")
+        if self.channel_score not in ("l1", "l2", "bn", "act"):
+            raise SparsecError(f"--channel-score {self.channel_score!r} is unknown", "choose l1, l2, bn or act")
+        if self.round_to < 1:
+            raise SparsecError(f"--round-to {self.round_to} must be at least 1")
+        if self.nm is not None or self.sparsity is not None:
+            raise SparsecError("--channels cannot be combined with --nm or --sparsity in one run",
+                               "compile twice: first --channels, then --nm on the result")
+        if (self.channel_score == "act" or self.recover) and not self.calibrated:
+            raise SparsecError("--channel-score act and --recover need calibration data",
+                               "give --calib FILE.npz|DIR or --calib-random N")
+
     def _check_pattern(self) -> None:
+        self._check_channels()
+        if self.structured:
+            return
         if self.nm is None and self.sparsity is None:
-            raise SparsecError("nothing to do: give --nm N:M or --sparsity S")
+            raise SparsecError("nothing to do: give --nm N:M, --sparsity S or --channels R")
         if self.nm is not None and self.sparsity is not None:
             raise SparsecError("--nm and --sparsity are exclusive", "choose one pattern")
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
@@ -143,9 +182,6 @@ class CompileOptions:
                 except re.error as exc:
                     raise SparsecError(f"{flag} {pattern!r} is not a valid regex: {exc}") from None
 
-    @property
-    def pattern_name(self) -> str:
-        return f"{self.nm}" if self.nm else f"unstructured {self.sparsity:g}"
 
     def as_dict(self) -> dict:
         return {
@@ -174,4 +210,10 @@ class CompileOptions:
             "owl": self.owl,
             "owl_lambda": self.owl_lambda,
             "owl_m": self.owl_m,
+            "channels": self.channels,
+            "channels_per_layer_max": self.channels_per_layer_max,
+            "channel_score": self.channel_score,
+            "round_to": self.round_to,
+            "fold_bn": self.folds_bn,
+            "recover": self.recover,
         }

@@ -73,6 +73,15 @@ class TensorStore:
             tensor.ClearField(field)
         tensor.raw_data = np.ascontiguousarray(values).tobytes()
 
+    def resize(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
+        """Replace a tensor's values with an array of another shape (same dtype)."""
+        del tensor.dims[:]
+        tensor.dims.extend(values.shape)
+        if external_info(tensor) is not None:
+            self._pending[id(tensor)] = (tensor, np.ascontiguousarray(values))
+            return
+        self.write(tensor, values)
+
     def materialize(self, model: onnx.ModelProto) -> None:
         """Bring every value into the protobuf (for tools that need a self-contained model)."""
         for tensor in iter_tensors(model.graph):

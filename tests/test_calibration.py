@@ -73,6 +73,7 @@ def test_in_graph_statistics_equal_exposed_activations(tmp_path, name):
         got = stats.layers[layer.name]
         np.testing.assert_allclose(got.sumsq, sumsq, rtol=1e-5, atol=1e-6, err_msg=layer.name)
         assert got.rows == rows.shape[0]
+        np.testing.assert_allclose(got.sums, rows.sum(0), rtol=1e-4, atol=1e-4, err_msg=layer.name)
         np.testing.assert_allclose(got.gram, gram, rtol=1e-4, atol=1e-4, err_msg=layer.name)
 
 

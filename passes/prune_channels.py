@@ -1,0 +1,203 @@
+"""Remove channels physically: slice every producer, consumer and per-channel constant.
+
+The analysis (`sparsec.channels`) says which edits a removal needs; this pass makes them,
+then folds the constant that each removed channel still carried into its consumers' biases
+(bias compensation), so the smaller model equals the dense one with those filters zeroed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from sparsec.channels import Action, ChannelAnalysis
+from sparsec.pipeline import PassContext, PassResult
+from sparsec.weights import GraphIndex
+
+
+@dataclass
+class PruneChannelsPass:
+    analysis: ChannelAnalysis
+    removed: frozenset[int]
+    compensation: dict[tuple[int, int], float] = field(default_factory=dict)  # (node, pos) -> value
+    name: str = "prune-channels"
+    requires: frozenset[str] = frozenset()
+
+    def run(self, ctx: PassContext) -> PassResult:
+        if not self.removed:
+            return PassResult(self.name, False, {"removed": 0})
+        editor = _Editor(ctx)
+        for action in self.analysis.actions:
+            keep = np.array([e not in self.removed for e in action.layout], dtype=bool)
+            if keep.all():
+                continue
+            if action.kind == "consumer":
+                editor.compensate(action, keep, self.compensation)
+            getattr(editor, action.kind)(action, keep)
+        editor.finish()
+        changed = {n for n, lay in self.analysis.layouts.items()
+                   if any(e in self.removed for e in lay.elems.tolist())}
+        keep_vi = [vi for vi in ctx.model.graph.value_info if vi.name not in changed]
+        del ctx.model.graph.value_info[:]
+        ctx.model.graph.value_info.extend(keep_vi)
+        return PassResult(self.name, True, {"removed": len(self.removed)})
+
+
+class _Editor:
+    """Slices tensors through the store; clones constants that other nodes also read."""
+
+    def __init__(self, ctx: PassContext) -> None:
+        self.ctx = ctx
+        self.index = GraphIndex(ctx.model.graph)
+        self.nodes = ctx.model.graph.node
+        self.inserts: list[tuple[int, onnx.NodeProto]] = []
+
+    def _tensor(self, node: onnx.NodeProto, k: int) -> onnx.TensorProto:
+        name = node.input[k]
+        src = self.index.resolve(name)
+        shared = len(self.index.consumers.get(name, [])) > 1 or (src is not None and src.steps)
+        if src is None or shared:  # give this node its own copy
+            values = np.array(self.ctx.store.read(self.index.constant(src))) if src else None
+            if values is None:
+                raise ValueError(f"input {name} of {node.name} is not a constant")
+            from sparsec.weights import to_effective
+
+            values = np.ascontiguousarray(to_effective(values, src.steps))
+            new = numpy_helper.from_array(values, f"{name}__{node.name or node.op_type}_pruned")
+            self.ctx.model.graph.initializer.append(new)
+            node.input[k] = new.name
+            return self.ctx.model.graph.initializer[-1]
+        return self.index.constant(src)
+
+    def _slice(self, node, k: int, axis: int, keep: np.ndarray) -> None:
+        tensor = self._tensor(node, k)
+        values = self.ctx.store.read(tensor)
+        if values.shape[axis] != len(keep):
+            return  # broadcast dimension: nothing to cut
+        self.ctx.store.resize(tensor, np.compress(keep, values, axis=axis))
+
+    def producer(self, a: Action, keep) -> None:
+        node = self.nodes[a.node]
+        self._slice(node, a.detail["input"], a.detail["axis"], keep)
+        b = a.detail.get("bias")
+        if b is not None and len(node.input) > b and node.input[b]:
+            bias = self.ctx.store.read(self._tensor(node, b))
+            if bias.ndim and bias.shape[-1] == len(keep):
+                self._slice(node, b, bias.ndim - 1, keep)
+
+    def consumer(self, a: Action, keep) -> None:
+        self._slice(self.nodes[a.node], a.detail["input"], a.detail["axis"], keep)
+
+    def depthwise(self, a: Action, keep) -> None:
+        node = self.nodes[a.node]
+        self._slice(node, 1, 0, keep)
+        if len(node.input) > 2 and node.input[2]:
+            self._slice(node, 2, 0, keep)
+        for attr in node.attribute:
+            if attr.name == "group":
+                attr.i = int(keep.sum()) // a.detail["mult"]
+
+    def param(self, a: Action, keep) -> None:
+        self._slice(self.nodes[a.node], a.detail["input"], a.detail["axis"], keep)
+
+    def split(self, a: Action, keep) -> None:
+        node = self.nodes[a.node]
+        b = a.detail["bounds"]
+        sizes = np.array([int(keep[lo:hi].sum()) for lo, hi in zip(b[:-1], b[1:], strict=True)],
+                         dtype=np.int64)
+        if len(node.input) > 1 and node.input[1]:
+            tensor = self._tensor(node, 1)
+            self.ctx.store.resize(tensor, sizes)
+            return
+        for attr in node.attribute:
+            if attr.name == "split":
+                del attr.ints[:]
+                attr.ints.extend(sizes.tolist())
+                return
+        for attr in list(node.attribute):
+            if attr.name == "num_outputs":
+                node.attribute.remove(attr)
+        name = f"{node.name or 'split'}__sizes"
+        self.ctx.model.graph.initializer.append(numpy_helper.from_array(sizes, name))
+        while len(node.input) < 2:
+            node.input.append("")
+        node.input[1] = name
+
+    def slice(self, a: Action, keep) -> None:
+        node = self.nodes[a.node]
+        lo, hi, pos = a.detail["start"], a.detail["end"], a.detail["pos"]
+        start = int(keep[:lo].sum())
+        for k, value in ((1, start), (2, start + int(keep[lo:hi].sum()))):
+            tensor = self._tensor(node, k)
+            values = np.array(self.ctx.store.read(tensor))
+            values[pos] = value
+            self.ctx.store.write(tensor, values)
+
+    def reshape(self, a: Action, keep) -> None:
+        node = self.nodes[a.node]
+        k = a.detail.get("input", 1)
+        tensor = self._tensor(node, k)
+        values = np.array(self.ctx.store.read(tensor))
+        entry = a.detail["entry"]
+        if values[entry] > 0:
+            values[entry] = int(keep.sum())
+            self.ctx.store.write(tensor, values)
+
+    def compensate(self, a: Action, keep, constants: dict[tuple[int, int], float]) -> None:
+        """Fold Σ_c W[:, c]·a_c of the removed channels into the consumer's bias."""
+        node = self.nodes[a.node]
+        gone = [int(p) for p in np.flatnonzero(~keep) if (a.node, int(p)) in constants]
+        if not gone:
+            return
+        value = np.array([constants[(a.node, p)] for p in gone])
+        w = np.asarray(self.ctx.store.read(self._tensor(node, a.detail["input"])), dtype=np.float64)
+        if node.op_type == "Conv":  # W[M, C, kh, kw]
+            delta = w[:, gone].reshape(w.shape[0], len(gone), -1).sum(-1) @ value
+        elif node.op_type == "ConvTranspose":  # W[C, M, kh, kw]
+            delta = value @ w[gone].reshape(len(gone), w.shape[1], -1).sum(-1)
+        elif a.detail["axis"] == 1:  # Gemm transB: W[N, K]
+            delta = w[:, gone] @ value
+        else:  # W[K, N]
+            delta = value @ w[gone]
+        if node.op_type == "Gemm":
+            alpha = next((at.f for at in node.attribute if at.name == "alpha"), 1.0)
+            beta = next((at.f for at in node.attribute if at.name == "beta"), 1.0)
+            delta = delta * alpha / beta
+        self._add_bias(a.node, node, delta)
+
+    def _add_bias(self, position: int, node: onnx.NodeProto, delta: np.ndarray) -> None:
+        k = 2 if node.op_type in ("Conv", "ConvTranspose", "Gemm") else None
+        if k is not None and len(node.input) > k and node.input[k]:
+            tensor = self._tensor(node, k)
+            bias = np.array(self.ctx.store.read(tensor))
+            self.ctx.store.write(tensor, bias + np.broadcast_to(delta, bias.shape).astype(bias.dtype))
+            return
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(
+            self.index.constant(self.index.resolve(node.input[1])).data_type)
+        name = f"{node.name or node.op_type}__compensation"
+        self.ctx.model.graph.initializer.append(numpy_helper.from_array(delta.astype(dtype), name))
+        if k is not None:
+            while len(node.input) <= k:
+                node.input.append("")
+            node.input[k] = name
+            return
+        out = node.output[0]  # MatMul: an Add after it, keeping the output name downstream
+        node.output[0] = f"{out}__before_compensation"
+        self.inserts.append((position, helper.make_node(
+            "Add", [node.output[0], name], [out], name=f"{node.name}__compensation")))
+
+    def finish(self) -> None:
+        """Insert new nodes after their producers (indices stay valid until now)."""
+        if not self.inserts:
+            return
+        after = dict(self.inserts)
+        nodes = []
+        for i, node in enumerate(self.nodes):
+            nodes.append(node)
+            if i in after:
+                nodes.append(after[i])
+        del self.ctx.model.graph.node[:]
+        self.ctx.model.graph.node.extend(nodes)

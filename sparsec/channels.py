@@ -1,0 +1,177 @@
+"""Channel dependency analysis: which channels must be removed together, and where they go.
+
+Every prunable producer (Conv, ConvTranspose, Gemm, MatMul with a constant weight) creates
+one *element* per output channel. Each tensor's channel axis is a list of elements (its
+layout): elementwise ops pass layouts through, Concat joins them, Split and Slice cut them,
+Flatten repeats each element H·W times, and an elementwise op over two activations unites
+their elements position by position (union-find). A class of united elements is one removable
+channel. Anything the op table does not understand marks the elements it touches
+untouchable, with the reason: unknown means "do not prune", never "guess".
+
+Pure analysis: returns frozen data and never edits the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from sparsec.layers import node_display_name
+from sparsec.weights import GraphIndex
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The elements along a tensor's channel axis."""
+
+    axis: int  # non-negative, in the tensor's rank
+    rank: int
+    elems: np.ndarray  # int element ids, one per channel position
+
+
+@dataclass(frozen=True)
+class Action:
+    """One edit the rewrite must make when elements of `layout` are removed."""
+
+    kind: str  # producer | consumer | depthwise | param | split | slice | reshape
+    node: int  # node index
+    layout: tuple[int, ...]  # element per position of the axis being cut
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Source:
+    node: int
+    name: str
+    op: str
+    first: int  # first element id
+    channels: int
+
+
+@dataclass(frozen=True)
+class ChannelAnalysis:
+    """Classes of coupled channels, what to edit, and what may not be touched."""
+
+    sources: tuple[Source, ...]
+    root: np.ndarray  # element id -> class id (a representative element)
+    actions: tuple[Action, ...]
+    untouchable: dict[int, str]  # class id -> reason
+    layouts: dict[str, Layout]
+
+    def classes(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for e, r in enumerate(self.root):
+            out.setdefault(int(r), []).append(e)
+        return out
+
+    def source_of(self, elem: int) -> Source:
+        for s in self.sources:
+            if s.first <= elem < s.first + s.channels:
+                return s
+        raise KeyError(elem)
+
+    def groups(self) -> list[dict]:
+        """Printable dependency groups: sources linked by coupling, and why untouchable."""
+        by_class = self.classes()
+        parent = {s.name: s.name for s in self.sources}
+
+        def find(x):
+            while parent[x] != x:
+                x = parent[x]
+            return x
+
+        for members in by_class.values():
+            names = {self.source_of(e).name for e in members}
+            first = next(iter(names))
+            for n in names:
+                parent[find(n)] = find(first)
+        groups: dict[str, dict] = {}
+        for s in self.sources:
+            g = groups.setdefault(find(s.name), {"sources": [], "channels": 0, "reasons": set()})
+            g["sources"].append(s.name)
+        for cls, members in by_class.items():
+            g = groups[find(self.source_of(members[0]).name)]
+            g["channels"] += 1
+            if cls in self.untouchable:
+                g["reasons"].add(self.untouchable[cls])
+        return [{"sources": g["sources"], "channels": g["channels"],
+                 "untouchable": sorted(g["reasons"])} for g in groups.values()]
+
+
+class State:
+    """Mutable working state of one analysis run (the rules write into it)."""
+
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
+        self.model = model
+        self.index = GraphIndex(model.graph)
+        self.shapes = shapes
+        self.parent: list[int] = []
+        self.layouts: dict[str, Layout] = {}
+        self.actions: list[Action] = []
+        self.sources: list[Source] = []
+        self.blocked: dict[int, str] = {}  # element -> reason (resolved to classes at the end)
+
+    def new_elements(self, node: int, op: str, count: int) -> np.ndarray:
+        first = len(self.parent)
+        self.parent.extend(range(first, first + count))
+        name = node_display_name(self.model.graph.node[node], node)
+        self.sources.append(Source(node, name, op, first, count))
+        return np.arange(first, first + count)
+
+    def find(self, e: int) -> int:
+        while self.parent[e] != e:
+            self.parent[e] = self.parent[self.parent[e]]
+            e = self.parent[e]
+        return e
+
+    def unite(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist(), strict=True):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+    def block(self, elems, reason: str) -> None:
+        for e in np.asarray(elems).tolist():
+            self.blocked.setdefault(int(e), reason)
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """Values of a constant input (initializer or Constant node), else None."""
+        src = self.index.resolve(name) if name else None
+        if src is None:
+            tensor = self.index.initializers.get(name)
+            if tensor is None:
+                node = self.index.constant_nodes.get(name)
+                if node is None:
+                    return None
+                return onnx.numpy_helper.to_array(node.attribute[0].t)
+            return onnx.numpy_helper.to_array(tensor)
+        return onnx.numpy_helper.to_array(self.index.constant(src)) if not src.steps else None
+
+    def rank(self, name: str) -> int | None:
+        if name in self.layouts:
+            return self.layouts[name].rank
+        shape = self.shapes.get(name)
+        return None if shape is None else len(shape)
+
+
+def analyse_channels(model: onnx.ModelProto, shapes: dict[str, tuple]) -> ChannelAnalysis:
+    """Follow the channel axis through the graph (nodes are in topological order)."""
+    from sparsec.channel_rules import RULES, unknown_op
+
+    state = State(model, shapes)
+    for i, node in enumerate(model.graph.node):
+        RULES.get(node.op_type, unknown_op)(state, i, node)
+    for out in model.graph.output:
+        if out.name in state.layouts:
+            state.block(state.layouts[out.name].elems, f"reaches graph output {out.name}")
+    for name in state.index.subgraph_uses:
+        if name in state.layouts:
+            state.block(state.layouts[name].elems, f"{name} is read inside a subgraph")
+    root = np.array([state.find(e) for e in range(len(state.parent))], dtype=np.int64)
+    untouchable: dict[int, str] = {}
+    for e, reason in state.blocked.items():
+        untouchable.setdefault(int(root[e]), reason)
+    return ChannelAnalysis(tuple(state.sources), root, tuple(state.actions), untouchable,
+                           dict(state.layouts))

@@ -1,0 +1,99 @@
+"""What a removed channel still carries: read from the dense model with those filters zeroed.
+
+A zeroed filter still emits a constant (its bias, then BatchNorm's β, then the activation).
+Running the masked model once tells that constant at every consumer input exactly, whatever
+the chain of per-channel ops in between; a value that varies over positions cannot be folded
+into a bias and is reported instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from sparsec.channels import ChannelAnalysis
+from sparsec.tensors import TensorStore, external_info, iter_tensors
+from sparsec.weights import GraphIndex
+
+
+@dataclass(frozen=True)
+class Compensation:
+    constants: dict[tuple[int, int], float]  # (consumer node, position) -> carried value
+    varying: dict[str, float]  # consumer name -> largest spread of a removed channel's values
+    masked: onnx.ModelProto  # the oracle: dense model with the removed filters zeroed
+
+
+def inline_copy(model: onnx.ModelProto, store: TensorStore) -> onnx.ModelProto:
+    """A self-contained copy (values inside the protobuf)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in iter_tensors(copy.graph):
+        if external_info(tensor) is not None:
+            values = store.read(tensor)
+            tensor.ClearField("external_data")
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = np.ascontiguousarray(values).tobytes()
+    return copy
+
+
+def masked_model(model: onnx.ModelProto, store: TensorStore, analysis: ChannelAnalysis,
+                 removed: frozenset[int]) -> onnx.ModelProto:
+    """The dense model with every removed producer filter set to zero (biases and BN kept)."""
+    masked = inline_copy(model, store)
+    index = GraphIndex(masked.graph)
+    for a in analysis.actions:
+        if a.kind != "producer":
+            continue
+        gone = [p for p, e in enumerate(a.layout) if e in removed]
+        if not gone:
+            continue
+        node = masked.graph.node[a.node]
+        tensor = index.constant(index.resolve(node.input[a.detail["input"]]))
+        w = np.array(numpy_helper.to_array(tensor))
+        index_tuple = [slice(None)] * w.ndim
+        index_tuple[a.detail["axis"]] = gone
+        w[tuple(index_tuple)] = 0
+        tensor.CopyFrom(numpy_helper.from_array(w, tensor.name))
+    return masked
+
+
+def compute_compensation(model: onnx.ModelProto, store: TensorStore, analysis: ChannelAnalysis,
+                         removed: frozenset[int], fixed: dict, seed: int = 0) -> Compensation:
+    """Run the masked model once and read each removed channel at each consumer's input."""
+    from sparsec.runtime.session import make_session_from_proto, random_feeds
+
+    masked = masked_model(model, store, analysis, removed)
+    wanted = {}
+    for a in analysis.actions:
+        if a.kind == "consumer" and any(e in removed for e in a.layout):
+            wanted[a.node] = masked.graph.node[a.node].input[0]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(masked)
+    have = {o.name for o in probe.graph.output}
+    for name in dict.fromkeys(wanted.values()):
+        if name not in have:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    session = make_session_from_proto(probe)
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(names, random_feeds(session, fixed, seed)), strict=True))
+    constants: dict[tuple[int, int], float] = {}
+    varying: dict[str, float] = {}
+    for a in analysis.actions:
+        if a.node not in wanted or a.kind != "consumer":
+            continue
+        x = values[wanted[a.node]]
+        axis = analysis.layouts[wanted[a.node]].axis
+        for p, e in enumerate(a.layout):
+            if e not in removed:
+                continue
+            channel = np.take(x, p, axis=axis).astype(np.float64)
+            spread = float(channel.max() - channel.min()) if channel.size else 0.0
+            if spread <= 1e-6 * (1.0 + abs(float(channel.mean()))):
+                constants[(a.node, p)] = float(channel.mean())
+            else:
+                name = masked.graph.node[a.node].name or str(a.node)
+                varying[name] = max(varying.get(name, 0.0), spread)
+    return Compensation(constants, varying, masked)
