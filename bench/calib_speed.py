@@ -68,11 +68,12 @@ def worker(kind: str, npz: str, batch: int, minmax_ops: str, no_fixed: bool) -> 
     import onnxruntime as ort
 
     if kind in ("wanda", "sparsegpt", "profile"):
+        from sparsec.runtime.calib_data import input_specs, open_calibration
+        from sparsec.runtime.calibrate import CalibrationSettings, collect_stats
+
         from sparsec.graph import load_model
         from sparsec.layers import find_layers
         from sparsec.macs import fixed_input_shapes
-        from sparsec.runtime.calib_data import input_specs, open_calibration
-        from sparsec.runtime.calibrate import CalibrationSettings, collect_stats
     if kind == "minmax":
         from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
     if kind == "profile":
@@ -123,12 +124,13 @@ def profile(npz: str, batch: int) -> dict:
     """collect_stats of the wanda kind, step by step with the same sparsec functions, timed per phase."""
     import numpy as np
     import onnxruntime as ort
-    from sparsec.graph import load_model
-    from sparsec.layers import find_layers
-    from sparsec.macs import fixed_input_shapes, infer_types
     from sparsec.runtime.calib_data import input_specs, open_calibration
     from sparsec.runtime.instrument import instrumented_graph, plan_stats
     from sparsec.runtime.session import session_with_values
+
+    from sparsec.graph import load_model
+    from sparsec.layers import find_layers
+    from sparsec.macs import fixed_input_shapes, infer_types
 
     t: dict[str, float] = {}
     mark = time.perf_counter()
@@ -196,7 +198,6 @@ def _data(n: int, seq_len: int) -> Path:
     if not npz.exists():
         sys.path.insert(0, str(HERE))
         import corpus  # bench/corpus.py
-
         from sparsec.models.minilm import tokenizer
         calib, _ = corpus.split(corpus.docstring_sentences(), n, 0, seed=0)
         feeds = corpus.tokenize(calib, tokenizer(), max_len=seq_len, pad_to_max=True)

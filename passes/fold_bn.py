@@ -1,9 +1,9 @@
 """Fold inference BatchNormalization into the Conv, ConvTranspose, Gemm or MatMul before it.
 
-Exporters such as Paddle's, or torch's in training-friendly mode, leave BatchNorm unfused. Pruning
-must score and mask the weights the deployed model really multiplies by: TensorRT folds BN after
-the fact, so a mask chosen on the unfused weight is scaled per channel afterwards, and the extra
-node costs a pass over every activation. Per channel c (axis 1 of the BN input):
+Exporters such as Paddle's leave BatchNorm unfused. Pruning must score and mask the weights the
+deployed model really multiplies by: TensorRT folds BN afterwards, scaling a mask chosen on the
+unfused weight per channel, and the extra node costs a pass over every activation. Per channel c
+(axis 1 of the BN input):
 
     BN(x) = α·x + (β − α·μ),  α = γ / √(σ² + ε)
     x = W ∗ a + b  ⇒  BN(x) = (α·W) ∗ a + (α·(b − μ) + β)
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -25,16 +27,10 @@ from onnx import helper, numpy_helper
 
 from sparsec.pipeline import PassContext, PassResult
 from sparsec.tensors import TensorStore
-from sparsec.weights import (
-    PASS_THROUGH_OPS,
-    GraphIndex,
-    WeightSource,
-    effective_shape,
-    to_effective,
-    to_stored,
-)
+from sparsec.weights import GraphIndex, WeightSource, effective_shape, to_effective, to_stored
 
 log = logging.getLogger(__name__)
+DEAD_CHAIN_OPS = ("Constant", "Identity", "Transpose", "Cast")  # what may feed a BN statistic or a bias
 
 
 @dataclass(frozen=True)
@@ -43,28 +39,22 @@ class Channels:
 
     axis: int  # weight axis indexed by the output channel (within a group for ConvTranspose)
     count: int  # output channels
-    groups: int = 1  # ConvTranspose: channel g·(M/g)+j is weight[block g of axis 0, j]
+    groups: int = 1  # ConvTranspose W[C, M/g, k...]: channel g·(M/g)+j is column j of row block g
 
 
-def _conv(node: onnx.NodeProto, shape: tuple[int, ...], rank: int | None) -> Channels | str:
-    return Channels(0, shape[0])  # W[M, C/g, k...]: groups never split axis 0
-
-
-def _conv_transpose(node: onnx.NodeProto, shape: tuple[int, ...], rank: int | None) -> Channels | str:
+def _conv_transpose(node: onnx.NodeProto, shape: tuple[int, ...], rank: int | None) -> Channels:
     groups = int(_attr(node, "group", 1))
-    if shape[0] % groups:
-        return f"ConvTranspose weight has {shape[0]} input channels, not divisible by group={groups}"
-    return Channels(1, shape[1] * groups, groups)  # W[C, M/g, k...]
+    return Channels(1, shape[1] * groups, groups)
 
 
-def _gemm(node: onnx.NodeProto, shape: tuple[int, ...], rank: int | None) -> Channels | str:
-    axis = 0 if _attr(node, "transB", 0) else 1  # output [M, N]: N is B's axis 1, or axis 0 when transposed
-    return Channels(axis, shape[axis]) if len(shape) == 2 else "Gemm weight is not 2-D"
+def _gemm(node: onnx.NodeProto, shape: tuple[int, ...], rank: int | None) -> Channels:
+    axis = 0 if _attr(node, "transB", 0) else 1  # output [M, N]: N is B's axis 1, or axis 0 if transposed
+    return Channels(axis, shape[axis])
 
 
 def _matmul(node: onnx.NodeProto, shape: tuple[int, ...], rank: int | None) -> Channels | str:
     if len(shape) != 2:
-        return f"MatMul weight is rank {len(shape)}, not 2-D"
+        return f"MatMul weight is rank {len(shape)}, not 2"
     if rank is None:
         return "MatMul output rank is unknown (run shape inference first)"
     if rank != 2:
@@ -73,7 +63,12 @@ def _matmul(node: onnx.NodeProto, shape: tuple[int, ...], rank: int | None) -> C
 
 
 # Per-op knowledge in one table: where each foldable producer keeps its output channels.
-CHANNELS = {"Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul}
+CHANNELS: dict[str, Callable[[onnx.NodeProto, tuple[int, ...], int | None], Channels | str]] = {
+    "Conv": lambda node, shape, rank: Channels(0, shape[0]),  # W[M, C/g, k...]: groups keep axis 0 whole
+    "ConvTranspose": _conv_transpose,
+    "Gemm": _gemm,
+    "MatMul": _matmul,
+}
 
 
 @dataclass(frozen=True)
@@ -97,41 +92,36 @@ def plan_fold(index: GraphIndex, bn: onnx.NodeProto, ranks: dict[str, int]) -> F
         return f"input {x} comes from {producer.op_type if producer else 'no node'}, not {'/'.join(CHANNELS)}"
     if _shared(index, (x,)):
         return f"{x} has another consumer or is a graph output"
+    name = _name(producer)
     source = index.resolve(producer.input[1]) if len(producer.input) > 1 else None
     if source is None:
-        return f"weight of {_name(producer)} is not a constant"
+        return f"weight of {name} is not a constant"
     if any(step.op == "Cast" for step in source.steps):
-        return f"weight of {_name(producer)} reaches it through a Cast"
+        return f"weight of {name} reaches it through a Cast"
     if _shared(index, source.tensors):
-        return f"weight of {_name(producer)} is shared with another node"
-    rank = ranks.get(x, ranks.get(producer.input[0]))
-    channels = CHANNELS[producer.op_type](producer, effective_shape(source), rank)
+        return f"weight of {name} is shared with another node"
+    channels = CHANNELS[producer.op_type](producer, effective_shape(source),
+                                            ranks.get(x, ranks.get(producer.input[0])))
     if isinstance(channels, str):
         return channels
     count = effective_shape(index.resolve(bn.input[1]))[0]  # type: ignore[arg-type]
     if channels.count != count:
-        return f"BatchNormalization has {count} channels, {_name(producer)} produces {channels.count}"
+        return f"BatchNormalization has {count} channels, {name} produces {channels.count}"
     bias = producer.input[2] if producer.op_type != "MatMul" and len(producer.input) > 2 else ""
     if bias and index.resolve(bias) is None:
-        return f"bias {bias} of {_name(producer)} is not a constant"
+        return f"bias {bias} of {name} is not a constant"
     return FoldPlan(bn, producer, source, channels)
 
 
 def _bn_reason(index: GraphIndex, bn: onnx.NodeProto) -> str | None:
-    if _attr(bn, "training_mode", 0):
-        return "training mode"
-    if _attr(bn, "spatial", 1) == 0:
-        return "per-activation statistics (spatial=0)"
+    if _attr(bn, "training_mode", 0) or _attr(bn, "spatial", 1) == 0:
+        return "training mode or per-activation statistics (spatial=0)"
     if any(_shared(index, (out,), allowed=0) for out in bn.output[1:] if out):
         return "its running-statistics outputs are used"
-    if len(bn.input) < 5:
-        return "malformed: fewer than 5 inputs"
-    shapes = set()
-    for name in bn.input[1:5]:
-        source = index.resolve(name)
-        if source is None:
-            return f"parameter {name} is not a constant"
-        shapes.add(effective_shape(source))
+    sources = [index.resolve(name) for name in bn.input[1:5]]
+    if len(sources) < 4 or None in sources:
+        return f"parameters {list(bn.input[1:5])} are not all constants"
+    shapes = {effective_shape(s) for s in sources if s}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         return f"parameters are not vectors of one length: {sorted(shapes)}"
     return None
@@ -157,16 +147,18 @@ class FoldBatchNormPass:
         folded: list[tuple[str, str]] = []
         while True:
             graph = ctx.model.graph
-            index, ranks = GraphIndex(graph), _ranks(graph)
+            index = GraphIndex(graph)
+            infos = [*graph.input, *graph.value_info, *graph.output]
+            ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in infos
+                     if v.type.tensor_type.HasField("shape")}
             plans: list[FoldPlan] = []
             kept: list[tuple[str, str]] = []
-            for node in graph.node:
-                if node.op_type == "BatchNormalization":
-                    plan = plan_fold(index, node, ranks)
-                    if isinstance(plan, str):
-                        kept.append((_name(node), plan))
-                    else:
-                        plans.append(plan)
+            for node in (n for n in graph.node if n.op_type == "BatchNormalization"):
+                plan = plan_fold(index, node, ranks)
+                if isinstance(plan, str):
+                    kept.append((_name(node), plan))
+                else:
+                    plans.append(plan)
             if not plans:
                 break
             folded += [(_name(p.bn), _name(p.producer)) for p in plans]
@@ -177,63 +169,54 @@ class FoldBatchNormPass:
 
 
 def _apply(store: TensorStore, graph: onnx.GraphProto, index: GraphIndex, plans: list[FoldPlan]) -> None:
-    """Rewrite the graph for independent plans (disjoint nodes, unshared weights and biases)."""
-    taken = {t.name for t in graph.initializer} | {n.name for n in graph.node}
-    taken |= {o for n in graph.node for o in [*n.input, *n.output]} | index.graph_inputs
-    drop: list[int] = []
-    dead: set[str] = set()
-    stale: set[str] = set()
+    """Rewrite the graph for independent plans (disjoint nodes, unshared weights)."""
+    taken = {t.name for t in graph.initializer} | index.graph_inputs
+    taken |= {s for n in graph.node for s in [n.name, *n.input, *n.output]}
+    drop: set[int] = set()
+    dead: set[str] = set(n for p in plans for n in p.bn.input[1:5])
+    stale: set[str] = set(n for p in plans for n in p.bn.output[1:] if n)
     for plan in plans:
         bn, producer = plan.bn, plan.producer
-        x, y = bn.input[0], bn.output[0]
-        dead.update(bn.input[1:5])
-        stale.update(n for n in bn.output[1:] if n)
+        x, y, name = bn.input[0], bn.output[0], _name(producer)
         bias, dtype = _fold_values(store, index, plan)
         if producer.op_type == "MatMul":  # no bias input: the BN becomes x + bias, keeping its output name
-            name = _add_initializer(graph, bias.astype(dtype), f"{_name(producer)}.bias_folded", taken)
-            bn.CopyFrom(helper.make_node("Add", [x, name], [y], _unique(f"{_name(producer)}_bias", taken)))
+            bias_name = _add_initializer(graph, bias.astype(dtype), f"{name}.bias_folded", taken)
+            bn.CopyFrom(helper.make_node("Add", [x, bias_name], [y], _unique(f"{name}_bias", taken)))
             continue
         if len(producer.input) > 2 and producer.input[2]:
-            dead.add(producer.input[2])  # cleaned up only if no longer used
+            dead.add(producer.input[2])  # removed only if no longer used
         _set_bias(store, graph, index, producer, bias.astype(dtype), taken)
         producer.output[0] = y
         stale.add(x)
-        drop.append(index.position[id(bn)])
-    for i in sorted(drop, reverse=True):
-        del graph.node[i]
+        drop.add(index.position[id(bn)])
+    _delete(graph.node, lambda i, _: i in drop)
     stale |= _remove_dead(graph, dead)
-    for i in reversed(range(len(graph.value_info))):
-        if graph.value_info[i].name in stale:
-            del graph.value_info[i]
+    _delete(graph.value_info, lambda _, v: v.name in stale)
 
 
 def _fold_values(store: TensorStore, index: GraphIndex, plan: FoldPlan) -> tuple[np.ndarray, np.dtype]:
     """Scale the weight in place (float64, cast back); return the folded bias and the weight dtype."""
-    bn = plan.bn
+    bn, producer = plan.bn, plan.producer
     gamma, beta, mean, var = (_read(store, index, n) for n in bn.input[1:5])
     alpha = gamma / np.sqrt(var + float(_attr(bn, "epsilon", 1e-5)))
     tensor = index.constant(plan.weight)
     stored = store.read(tensor)
     scaled = _scale(to_effective(stored.astype(np.float64), plan.weight.steps), alpha, plan.channels)
     store.write(tensor, np.ascontiguousarray(to_stored(scaled, plan.weight.steps).astype(stored.dtype)))
-    return (_old_bias(store, index, plan.producer) - mean) * alpha + beta, stored.dtype
+    old: np.ndarray | float = 0.0
+    if producer.op_type != "MatMul" and len(producer.input) > 2 and producer.input[2]:
+        # Gemm adds beta·C: beta goes into the new C and the attribute is dropped (default 1)
+        old = _read(store, index, producer.input[2]) * float(_attr(producer, "beta", 1.0))
+    return (old - mean) * alpha + beta, stored.dtype
 
 
 def _scale(w: np.ndarray, alpha: np.ndarray, ch: Channels) -> np.ndarray:
-    if ch.groups > 1:  # ConvTranspose W[C, M/g, k...]: group g owns rows block g and channels g·(M/g)+j
+    if ch.groups > 1:  # ConvTranspose: split axis 0 into groups, channel g·(M/g)+j is [g, :, j]
         blocks = w.reshape(ch.groups, w.shape[0] // ch.groups, *w.shape[1:])
-        factor = alpha.reshape(ch.groups, 1, -1, *([1] * (w.ndim - 2)))
-        return (blocks * factor).reshape(w.shape)
+        return (blocks * alpha.reshape(ch.groups, 1, -1, *([1] * (w.ndim - 2)))).reshape(w.shape)
     shape = [1] * w.ndim
     shape[ch.axis] = -1
     return w * alpha.reshape(shape)
-
-
-def _old_bias(store: TensorStore, index: GraphIndex, producer: onnx.NodeProto) -> np.ndarray | float:
-    if producer.op_type == "MatMul" or len(producer.input) < 3 or not producer.input[2]:
-        return 0.0
-    scale = float(_attr(producer, "beta", 1.0)) if producer.op_type == "Gemm" else 1.0
-    return _read(store, index, producer.input[2]) * scale  # Gemm adds beta·C: fold beta in, set it to 1
 
 
 def _set_bias(store: TensorStore, graph: onnx.GraphProto, index: GraphIndex, producer: onnx.NodeProto,
@@ -247,13 +230,9 @@ def _set_bias(store: TensorStore, graph: onnx.GraphProto, index: GraphIndex, pro
         store.write(tensor, values.astype(helper.tensor_dtype_to_np_dtype(tensor.data_type)))
     else:
         name = _add_initializer(graph, values, f"{_name(producer)}.bias_folded", taken)
-        while len(producer.input) < 3:
-            producer.input.append("")
+        producer.input.extend([""] * (3 - len(producer.input)))
         producer.input[2] = name
-    for i, attr in enumerate(producer.attribute):
-        if attr.name == "beta":
-            del producer.attribute[i]  # default 1.0: beta is now inside C
-            break
+    _delete(producer.attribute, lambda _, a: a.name == "beta")
 
 
 def _remove_dead(graph: onnx.GraphProto, names: set[str]) -> set[str]:
@@ -263,24 +242,28 @@ def _remove_dead(graph: onnx.GraphProto, names: set[str]) -> set[str]:
     pending, nodes, removed = list(names), set(), set()
     while pending:
         name = pending.pop()
-        if uses[name] or name in index.graph_outputs or name in index.subgraph_uses \
-                or name in index.graph_inputs or name in removed:
+        if uses[name] or name in removed or name in index.graph_outputs | index.graph_inputs \
+                or name in index.subgraph_uses:
             continue
         node = index.producer.get(name)
         if name in index.initializers:
             removed.add(name)
-        elif node is not None and node.op_type in ("Constant", *PASS_THROUGH_OPS) and len(node.output) == 1:
+        elif node is not None and node.op_type in DEAD_CHAIN_OPS and len(node.output) == 1:
             removed.add(name)
             nodes.add(index.position[id(node)])
             for i in (i for i in node.input if i):
                 uses[i] -= 1
                 pending.append(i)
-    for i in sorted(nodes, reverse=True):
-        del graph.node[i]
-    for i in reversed(range(len(graph.initializer))):
-        if graph.initializer[i].name in removed:
-            del graph.initializer[i]
+    _delete(graph.node, lambda i, _: i in nodes)
+    _delete(graph.initializer, lambda _, t: t.name in removed)
     return removed
+
+
+def _delete(items: Any, doomed: Callable[[int, Any], bool]) -> None:
+    """Delete from a protobuf repeated field in place (its other elements stay untouched)."""
+    for i in reversed(range(len(items))):
+        if doomed(i, items[i]):
+            del items[i]
 
 
 def _add_initializer(graph: onnx.GraphProto, values: np.ndarray, base: str, taken: set[str]) -> str:
@@ -298,21 +281,16 @@ def _unique(base: str, taken: set[str]) -> str:
 
 
 def _read(store: TensorStore, index: GraphIndex, name: str) -> np.ndarray:
-    source = index.resolve(name)
-    assert source is not None, f"{name} was checked to be a constant"
+    source = index.resolve(name)  # checked to be a constant by plan_fold
+    assert source is not None
     return to_effective(store.read(index.constant(source)), source.steps).astype(np.float64)
-
-
-def _ranks(graph: onnx.GraphProto) -> dict[str, int]:
-    infos = [*graph.input, *graph.value_info, *graph.output]
-    return {v.name: len(v.type.tensor_type.shape.dim) for v in infos if v.type.tensor_type.HasField("shape")}
 
 
 def _name(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
 
 
-def _attr(node: onnx.NodeProto, name: str, default: object = None):
+def _attr(node: onnx.NodeProto, name: str, default: object = None) -> Any:
     for attr in node.attribute:
         if attr.name == name:
             return helper.get_attribute_value(attr)

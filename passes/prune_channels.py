@@ -23,6 +23,7 @@ class PruneChannelsPass:
     analysis: ChannelAnalysis
     removed: frozenset[int]
     compensation: dict[tuple[int, int], float] = field(default_factory=dict)  # (node, pos) -> value
+    recovery: dict[int, dict] = field(default_factory=dict)  # consumer node -> refit weights
     name: str = "prune-channels"
     requires: frozenset[str] = frozenset()
 
@@ -30,11 +31,15 @@ class PruneChannelsPass:
         if not self.removed:
             return PassResult(self.name, False, {"removed": 0})
         editor = _Editor(ctx)
+        editor.out_keep = {a.node: np.array([e not in self.removed for e in a.layout])
+                           for a in self.analysis.actions if a.kind == "producer"}
         for action in self.analysis.actions:
             keep = np.array([e not in self.removed for e in action.layout], dtype=bool)
             if keep.all():
                 continue
-            if action.kind == "consumer":
+            if action.kind == "consumer" and action.node in self.recovery:
+                editor.refit(action, self.recovery[action.node])
+            elif action.kind == "consumer":
                 editor.compensate(action, keep, self.compensation)
             getattr(editor, action.kind)(action, keep)
         editor.finish()
@@ -43,7 +48,8 @@ class PruneChannelsPass:
         keep_vi = [vi for vi in ctx.model.graph.value_info if vi.name not in changed]
         del ctx.model.graph.value_info[:]
         ctx.model.graph.value_info.extend(keep_vi)
-        return PassResult(self.name, True, {"removed": len(self.removed)})
+        return PassResult(self.name, True, {"removed": len(self.removed),
+                                            "recovered": len(self.recovery)})
 
 
 class _Editor:
@@ -54,6 +60,7 @@ class _Editor:
         self.index = GraphIndex(ctx.model.graph)
         self.nodes = ctx.model.graph.node
         self.inserts: list[tuple[int, onnx.NodeProto]] = []
+        self.out_keep: dict[int, np.ndarray] = {}
 
     def _tensor(self, node: onnx.NodeProto, k: int) -> onnx.TensorProto:
         name = node.input[k]
@@ -146,6 +153,15 @@ class _Editor:
             values[entry] = int(keep.sum())
             self.ctx.store.write(tensor, values)
 
+    def refit(self, a: Action, plan: dict) -> None:
+        """Least-squares recovery: the refit dense weight, and the intercept into the bias."""
+        node = self.nodes[a.node]
+        tensor = self._tensor(node, a.detail["input"])
+        dtype = self.ctx.store.read(tensor).dtype
+        self.ctx.store.write(tensor, plan["weight"].astype(dtype))
+        bias = plan["bias_by_position"]
+        self._add_bias(a.node, node, bias.reshape(bias.shape[0], -1).sum(1))
+
     def compensate(self, a: Action, keep, constants: dict[tuple[int, int], float]) -> None:
         """Fold Σ_c W[:, c]·a_c of the removed channels into the consumer's bias."""
         node = self.nodes[a.node]
@@ -184,6 +200,9 @@ class _Editor:
                 node.input.append("")
             node.input[k] = name
             return
+        if position in self.out_keep:  # the new Add sits after this node's own pruned outputs
+            delta = delta[self.out_keep[position]]
+            self.ctx.model.graph.initializer[-1].CopyFrom(numpy_helper.from_array(delta.astype(dtype), name))
         out = node.output[0]  # MatMul: an Add after it, keeping the output name downstream
         node.output[0] = f"{out}__before_compensation"
         self.inserts.append((position, helper.make_node(

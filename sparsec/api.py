@@ -41,6 +41,12 @@ def compile(  # noqa: A001 - the natural name for a compiler's entry point
     owl: bool = False,
     owl_lambda: float = 0.08,
     owl_m: float = 5.0,
+    channels: float | None = None,
+    channels_per_layer_max: float = 1.0,
+    channel_score: str = "l1",
+    round_to: int = 1,
+    fold_bn: bool | None = None,
+    recover: bool = False,
 ) -> Report:
     """Prune an ONNX model and write OUTDIR/model.onnx and OUTDIR/report.json.
 
@@ -60,7 +66,8 @@ def compile(  # noqa: A001 - the natural name for a compiler's entry point
         calib=calib, calib_random=calib_random, calib_range=dict(calib_range or {}),
         calib_samples=calib_samples, batch=batch, providers=tuple(providers), quiet=quiet,
         sequential=sequential, damp=damp, block_size=block_size, owl=owl, owl_lambda=owl_lambda,
-        owl_m=owl_m,
+        owl_m=owl_m, channels=channels, channels_per_layer_max=channels_per_layer_max,
+        channel_score=channel_score, round_to=round_to, fold_bn=fold_bn, recover=recover,
     )
     return compile_model(model, options, output)
 

@@ -32,9 +32,19 @@ from sparsec.weights import GraphIndex
 
 
 def build_pipeline(options: CompileOptions, targets: list[PruneTarget], model: onnx.ModelProto,
-                   settings: CalibrationSettings | None = None) -> Pipeline:
+                   settings: CalibrationSettings | None = None, plan=None) -> Pipeline:
     """The one place that knows the order of the passes."""
-    passes: list = []
+    if plan is not None:
+        from sparsec.passes.fold_bn import FoldBatchNormPass
+        from sparsec.passes.prune_channels import PruneChannelsPass
+
+        passes: list = [PruneChannelsPass(plan.analysis, plan.choice.removed,
+                                          {} if options.recover else plan.compensation.constants,
+                                          plan.recovery)]
+        passes += [FoldBatchNormPass()] if options.folds_bn else []
+        passes += [PrecisionPass(options.precision)] if options.precision != "fp32" else []
+        return Pipeline(passes)
+    passes = []
     gram = options.method == "sparsegpt"
     if options.owl:
         passes += [CalibratePass(targets, settings), OwlPass(targets, options.sparsity or 0.0,
@@ -85,12 +95,22 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
     timings["analyze_s"] = time.perf_counter() - start
 
     settings = _calibration(loaded, options, fixed) if options.calibrated else None
+    plan = None
+    if options.structured:
+        from sparsec.structured import plan_structured
+
+        plan = plan_structured(model, loaded.store, options, fixed, settings)
+        timings["analyze_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    results = build_pipeline(options, targets, model, settings).run(ctx)
+    results = build_pipeline(options, targets, model, settings, plan).run(ctx)
     timings["prune_s"] = time.perf_counter() - start
 
     # the report reads final weights before saving moves them into the new data file
     report = _report(ctx, loaded.path, out, options, analysis, skipped, macs, results)
+    if plan is not None:
+        from sparsec.structured_report import structured_section
+
+        structured_section(report, ctx, plan, analysis, macs, fixed)
     with staged_dir(out, options.force, (model_path, *loaded.data_files)) as tmp:
         start = time.perf_counter()
         save_model(ctx.model, tmp / "model.onnx", ctx.store, external=loaded.external)
@@ -98,6 +118,10 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
         if options.verify:
             start = time.perf_counter()
             report.verify = _verify(model_path, tmp / "model.onnx", ctx, fixed, options)
+            if plan is not None and "max_abs_diff" in report.verify:
+                from sparsec.structured_report import verify_masked
+
+                report.verify["masked"] = verify_masked(plan, tmp / "model.onnx", fixed, options.seed)
             timings["verify_s"] = time.perf_counter() - start
         report.timings = timings
         (tmp / "report.json").write_text(report.to_json())

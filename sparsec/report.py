@@ -48,6 +48,7 @@ class Report:
     passes: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     tensorrt: dict[str, Any] = field(default_factory=dict)
+    channels: dict[str, Any] | None = None  # channel pruning: sources, groups, compensation
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
