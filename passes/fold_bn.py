@@ -1,9 +1,8 @@
 """Fold inference BatchNormalization into the Conv, ConvTranspose, Gemm or MatMul before it.
 
-Exporters such as Paddle's leave BatchNorm unfused. Pruning must score and mask the weights the
-deployed model really multiplies by: TensorRT folds BN afterwards, scaling a mask chosen on the
-unfused weight per channel, and the extra node costs a pass over every activation. Per channel c
-(axis 1 of the BN input):
+Exporters such as Paddle's leave BatchNorm unfused, but pruning must score the weights the deployed
+model multiplies by (TensorRT folds BN later, rescaling each channel), and the extra node costs a pass
+over every activation. Per channel c (axis 1 of the BN input):
 
     BN(x) = α·x + (β − α·μ),  α = γ / √(σ² + ε)
     x = W ∗ a + b  ⇒  BN(x) = (α·W) ∗ a + (α·(b − μ) + β)
@@ -42,16 +41,6 @@ class Channels:
     groups: int = 1  # ConvTranspose W[C, M/g, k...]: channel g·(M/g)+j is column j of row block g
 
 
-def _conv_transpose(node: onnx.NodeProto, shape: tuple[int, ...], rank: int | None) -> Channels:
-    groups = int(_attr(node, "group", 1))
-    return Channels(1, shape[1] * groups, groups)
-
-
-def _gemm(node: onnx.NodeProto, shape: tuple[int, ...], rank: int | None) -> Channels:
-    axis = 0 if _attr(node, "transB", 0) else 1  # output [M, N]: N is B's axis 1, or axis 0 if transposed
-    return Channels(axis, shape[axis])
-
-
 def _matmul(node: onnx.NodeProto, shape: tuple[int, ...], rank: int | None) -> Channels | str:
     if len(shape) != 2:
         return f"MatMul weight is rank {len(shape)}, not 2"
@@ -64,9 +53,11 @@ def _matmul(node: onnx.NodeProto, shape: tuple[int, ...], rank: int | None) -> C
 
 # Per-op knowledge in one table: where each foldable producer keeps its output channels.
 CHANNELS: dict[str, Callable[[onnx.NodeProto, tuple[int, ...], int | None], Channels | str]] = {
-    "Conv": lambda node, shape, rank: Channels(0, shape[0]),  # W[M, C/g, k...]: groups keep axis 0 whole
-    "ConvTranspose": _conv_transpose,
-    "Gemm": _gemm,
+    "Conv": lambda n, shape, _: Channels(0, shape[0]),  # W[M, C/g, k...]: groups keep axis 0 whole
+    # W[C, M/g, k...]: channel g·(M/g)+j is column j of the g-th block of rows
+    "ConvTranspose": lambda n, shape, _: Channels(1, shape[1] * (g := int(_attr(n, "group", 1))), g),
+    # output [M, N]: N is B's axis 1, or its axis 0 when transB
+    "Gemm": lambda n, shape, _: Channels(0, shape[0]) if _attr(n, "transB", 0) else Channels(1, shape[1]),
     "MatMul": _matmul,
 }
 

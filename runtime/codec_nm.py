@@ -102,7 +102,7 @@ def group_ranks(bits: np.ndarray, n: int, m: int, axis: int) -> tuple[np.ndarray
 def nm_size(fmt: str, shape: tuple[int, ...], itemsize: int, n: int, m: int, axis: int) -> int:
     """Exact payload bytes (the caller has checked the pattern)."""
     k = shape[axis]
-    rows = prod(shape) // k if k else prod(_moved_shape(shape, axis)[:-1])
+    rows = prod(_moved_shape(shape, axis)[:-1])
     groups = rows * k // m
     if fmt == "nm_hw":
         meta = rows * ((k // m * n * hw_bits(m) + 7) // 8)

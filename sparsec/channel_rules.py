@@ -71,7 +71,8 @@ def conv(state: State, i: int, node: onnx.NodeProto) -> None:
     if x is not None and x.axis != 1:
         state.block(x.elems, f"{_name(state, i)} reads channels on axis {x.axis}")
     elif x is not None and group == 1:
-        state.actions.append(Action("consumer", i, tuple(x.elems), {"input": 1, "axis": 0 if transpose else 1}))
+        detail = {"input": 1, "axis": 0 if transpose else 1}
+        state.actions.append(Action("consumer", i, tuple(x.elems), detail))
     elif x is not None and not transpose and w.shape[1] == 1 and group == len(x.elems):
         mult = w.shape[0] // group
         out = np.repeat(x.elems, mult)
@@ -142,7 +143,8 @@ def unary(state: State, i: int, node: onnx.NodeProto) -> None:
 
 def softmax(state: State, i: int, node: onnx.NodeProto) -> None:
     x = state.layouts.get(node.input[0])
-    if x is not None and int(_attr(node, "axis") if _attr(node, "axis") is not None else -1) % x.rank == x.axis:
+    axis = _attr(node, "axis")
+    if x is not None and int(-1 if axis is None else axis) % x.rank == x.axis:
         state.block(x.elems, f"{_name(state, i)} normalises across channels")
         return
     unary(state, i, node)

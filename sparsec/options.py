@@ -143,7 +143,8 @@ class CompileOptions:
             raise SparsecError(f"--channels-per-layer-max {self.channels_per_layer_max} is out of range",
                                "use 0 < max <= 1")
         if self.channel_score not in ("l1", "l2", "bn", "act"):
-            raise SparsecError(f"--channel-score {self.channel_score!r} is unknown", "choose l1, l2, bn or act")
+            raise SparsecError(f"--channel-score {self.channel_score!r} is unknown",
+                               "choose l1, l2, bn or act")
         if self.round_to < 1:
             raise SparsecError(f"--round-to {self.round_to} must be at least 1")
         if self.nm is not None or self.sparsity is not None:

@@ -95,7 +95,8 @@ def _recover(model, store, analysis: ChannelAnalysis, choice: ChannelChoice, sta
         keep_aug = np.append(~gone, True)
         g_kk = moment[np.ix_(keep_aug, keep_aug)]
         ridge = 1e-3 * np.trace(g_kk) / len(g_kk)
-        t = np.linalg.solve(g_kk + ridge * np.eye(len(g_kk)), moment[np.ix_(keep_aug, np.append(gone, False))])
+        g_kr = moment[np.ix_(keep_aug, np.append(gone, False))]
+        t = np.linalg.solve(g_kk + ridge * np.eye(len(g_kk)), g_kr)
         w = np.asarray(store.read(index.constant(layer.source)), dtype=np.float64)
         axis = a.detail["axis"]
         w_moved = np.moveaxis(w, axis, -1)  # [..., K]
