@@ -105,8 +105,10 @@ def plan_fold(index: GraphIndex, bn: onnx.NodeProto, ranks: dict[str, int]) -> F
 
 
 def _bn_reason(index: GraphIndex, bn: onnx.NodeProto) -> str | None:
-    if _attr(bn, "training_mode", 0) or _attr(bn, "spatial", 1) == 0:
-        return "training mode or per-activation statistics (spatial=0)"
+    if _attr(bn, "training_mode", 0):
+        return "training mode: it normalises by batch statistics, not the running ones"
+    if _attr(bn, "spatial", 1) == 0:
+        return "per-activation statistics (spatial=0)"
     if any(_shared(index, (out,), allowed=0) for out in bn.output[1:] if out):
         return "its running-statistics outputs are used"
     sources = [index.resolve(name) for name in bn.input[1:5]]

@@ -62,20 +62,39 @@ class _Editor:
         self.inserts: list[tuple[int, onnx.NodeProto]] = []
         self.out_keep: dict[int, np.ndarray] = {}
 
+    def _add_initializer(self, node: onnx.NodeProto, k: int, array: np.ndarray, name: str) -> None:
+        """A new constant read by `node` alone, known to the index from now on."""
+        self.ctx.model.graph.initializer.append(numpy_helper.from_array(array, name))
+        self.index.initializers[name] = self.ctx.model.graph.initializer[-1]
+        self.index.consumers[name] = [node]
+        while len(node.input) <= k:
+            node.input.append("")
+        node.input[k] = name
+
     def _tensor(self, node: onnx.NodeProto, k: int) -> onnx.TensorProto:
         name = node.input[k]
+        if self.index.resolve(name) is None and len(self.index.consumers.get(name, [])) == 1:
+            plain = self.index.initializers.get(name)  # integer shapes, sizes and bounds
+            if plain is not None:
+                return plain
+            if name in self.index.constant_nodes:
+                return self.index.constant_nodes[name].attribute[0].t
         src = self.index.resolve(name)
         shared = len(self.index.consumers.get(name, [])) > 1 or (src is not None and src.steps)
         if src is None or shared:  # give this node its own copy
             values = np.array(self.ctx.store.read(self.index.constant(src))) if src else None
             if values is None:
-                raise ValueError(f"input {name} of {node.name} is not a constant")
-            from sparsec.weights import to_effective
+                plain = self.index.initializers.get(name)
+                node_const = self.index.constant_nodes.get(name)
+                tensor = plain if plain is not None else (node_const.attribute[0].t if node_const else None)
+                if tensor is None:
+                    raise ValueError(f"input {name} of {node.name} is not a constant")
+                values = np.array(self.ctx.store.read(tensor))
+            else:
+                from sparsec.weights import to_effective
 
-            values = np.ascontiguousarray(to_effective(values, src.steps))
-            new = numpy_helper.from_array(values, f"{name}__{node.name or node.op_type}_pruned")
-            self.ctx.model.graph.initializer.append(new)
-            node.input[k] = new.name
+                values = np.ascontiguousarray(to_effective(values, src.steps))
+            self._add_initializer(node, k, values, f"{name}__{node.name or node.op_type}_pruned")
             return self.ctx.model.graph.initializer[-1]
         return self.index.constant(src)
 
@@ -127,11 +146,7 @@ class _Editor:
         for attr in list(node.attribute):
             if attr.name == "num_outputs":
                 node.attribute.remove(attr)
-        name = f"{node.name or 'split'}__sizes"
-        self.ctx.model.graph.initializer.append(numpy_helper.from_array(sizes, name))
-        while len(node.input) < 2:
-            node.input.append("")
-        node.input[1] = name
+        self._add_initializer(node, 1, sizes, f"{node.name or 'split'}__sizes")
 
     def slice(self, a: Action, keep) -> None:
         node = self.nodes[a.node]
@@ -194,12 +209,10 @@ class _Editor:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(
             self.index.constant(self.index.resolve(node.input[1])).data_type)
         name = f"{node.name or node.op_type}__compensation"
-        self.ctx.model.graph.initializer.append(numpy_helper.from_array(delta.astype(dtype), name))
         if k is not None:
-            while len(node.input) <= k:
-                node.input.append("")
-            node.input[k] = name
+            self._add_initializer(node, k, delta.astype(dtype), name)
             return
+        self.ctx.model.graph.initializer.append(numpy_helper.from_array(delta.astype(dtype), name))
         if position in self.out_keep:  # the new Add sits after this node's own pruned outputs
             delta = delta[self.out_keep[position]]
             self.ctx.model.graph.initializer[-1].CopyFrom(numpy_helper.from_array(delta.astype(dtype), name))

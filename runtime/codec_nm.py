@@ -132,8 +132,12 @@ def nm_encode(fmt: str, moved: np.ndarray, ranks: np.ndarray, n: int, m: int) ->
 
 
 @lru_cache(maxsize=None)
-def _hw_byte_tables(n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """For layouts with whole groups per byte: byte -> kept mask [256, per*m], group validity [256, per]."""
+def _hw_byte_table(n: int, m: int) -> np.ndarray:
+    """For layouts with whole groups per byte: byte -> kept mask of its groups, [256, per*m].
+
+    A group whose codes are out of range or not ascending gets no kept position at all, so the
+    count check in ``expand`` rejects it (every real group must contribute exactly n).
+    """
     b = hw_bits(m)
     per = 8 // (n * b)
     byte = np.arange(256)[:, None, None]
@@ -142,7 +146,8 @@ def _hw_byte_tables(n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
     valid = (pos < m).all(-1) & (np.diff(pos, axis=-1) > 0).all(-1)
     kept = np.zeros((256, per, m), bool)
     np.put_along_axis(kept, np.minimum(pos, m - 1), True, axis=-1)
-    return kept.reshape(256, per * m), valid
+    kept &= valid[:, :, None]
+    return kept.reshape(256, per * m)
 
 
 @lru_cache(maxsize=None)
@@ -182,17 +187,13 @@ def _hw_mask(meta: np.ndarray, rows: int, per_row: int, n: int, m: int) -> np.nd
     b = hw_bits(m)
     meta = meta.reshape(rows, -1)
     if 8 % (n * b) == 0:
-        kept, valid = _hw_byte_tables(n, m)
-        per = 8 // (n * b)
-        ok = np.take(valid, meta, axis=0).reshape(rows, -1)[:, :per_row].all()
-        mask = np.take(kept, meta, axis=0).reshape(rows, -1, m)[:, :per_row]
+        mask = np.take(_hw_byte_table(n, m), meta, axis=0).reshape(rows, -1, m)[:, :per_row]
     else:
         pos = unpack_rows(meta, b, per_row * n).reshape(-1, n).astype(np.intp)
-        ok = (pos < m).all() and (np.diff(pos, axis=1) > 0).all()
+        if not ((pos < m).all() and (np.diff(pos, axis=1) > 0).all()):
+            raise ValueError("position metadata holds positions that are out of range or not ascending")
         mask = np.zeros((pos.shape[0], m), bool)
-        np.put_along_axis(mask, np.minimum(pos, m - 1), True, axis=1)
-    if not ok:
-        raise ValueError("position metadata holds positions that are out of range or not ascending")
+        np.put_along_axis(mask, pos, True, axis=1)
     return mask.reshape(-1)
 
 

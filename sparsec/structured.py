@@ -94,7 +94,7 @@ def _recover(model, store, analysis: ChannelAnalysis, choice: ChannelChoice, sta
         moment = np.block([[s.gram / n, s.sums[:, None] / n], [s.sums[None, :] / n, np.ones((1, 1))]])
         keep_aug = np.append(~gone, True)
         g_kk = moment[np.ix_(keep_aug, keep_aug)]
-        ridge = 1e-3 * np.trace(g_kk) / len(g_kk)
+        ridge = 1e-2 * np.trace(g_kk) / len(g_kk)  # calibration sets are small: shrink T
         g_kr = moment[np.ix_(keep_aug, np.append(gone, False))]
         t = np.linalg.solve(g_kk + ridge * np.eye(len(g_kk)), g_kr)
         w = np.asarray(store.read(index.constant(layer.source)), dtype=np.float64)

@@ -68,7 +68,7 @@ def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
 
 
 def test_registry() -> None:
-    assert set(GOLDEN) == {*HAND_BUILT, "transformer"}
+    assert set(GOLDEN) >= {*HAND_BUILT, "transformer"}
 
 
 def test_import_does_not_need_torch() -> None:
