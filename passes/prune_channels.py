@@ -188,7 +188,10 @@ class _Editor:
         if node.op_type == "Conv":  # W[M, C, kh, kw]
             delta = w[:, gone].reshape(w.shape[0], len(gone), -1).sum(-1) @ value
         elif node.op_type == "ConvTranspose":  # W[C, M, kh, kw]
-            delta = value @ w[gone].reshape(len(gone), w.shape[1], -1).sum(-1)
+            # each output pixel sees on average (stride/kernel)² of the taps: exact on average only
+            strides = next((list(at.ints) for at in node.attribute if at.name == "strides"), [1, 1])
+            share = float(np.prod(strides)) / float(np.prod(w.shape[2:]))
+            delta = share * (value @ w[gone].reshape(len(gone), w.shape[1], -1).sum(-1))
         elif a.detail["axis"] == 1:  # Gemm transB: W[N, K]
             delta = w[:, gone] @ value
         else:  # W[K, N]

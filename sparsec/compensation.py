@@ -22,7 +22,7 @@ from sparsec.weights import GraphIndex
 @dataclass(frozen=True)
 class Compensation:
     constants: dict[tuple[int, int], float]  # (consumer node, position) -> carried value
-    varying: dict[str, float]  # consumer name -> largest spread of a removed channel's values
+    varying: dict[str, float]  # consumer -> largest deviation of a removed channel from its constant
     masked: onnx.ModelProto  # the oracle: dense model with the removed filters zeroed
 
 
@@ -89,11 +89,14 @@ def compute_compensation(model: onnx.ModelProto, store: TensorStore, analysis: C
         for p, e in enumerate(a.layout):
             if e not in removed:
                 continue
-            channel = np.take(x, p, axis=axis).astype(np.float64)
-            spread = float(channel.max() - channel.min()) if channel.size else 0.0
-            if spread <= 1e-6 * (1.0 + abs(float(channel.mean()))):
-                constants[(a.node, p)] = float(channel.mean())
-            else:
-                name = masked.graph.node[a.node].name or str(a.node)
-                varying[name] = max(varying.get(name, 0.0), spread)
+            channel = np.take(x, p, axis=axis).astype(np.float64).ravel()
+            if not channel.size:
+                continue
+            value = float(np.median(channel))  # a zero-padded border is the minority
+            off = np.abs(channel - value) > 1e-6 * (1.0 + abs(value))
+            name = masked.graph.node[a.node].name or str(a.node)
+            if off.mean() <= 0.5:
+                constants[(a.node, p)] = value
+            if off.any():
+                varying[name] = max(varying.get(name, 0.0), float(np.abs(channel - value).max()))
     return Compensation(constants, varying, masked)

@@ -56,10 +56,30 @@ def _channels(plan) -> dict:
         "sources": sources,
         "groups": analysis.groups(),
         "compensation": {"constants_folded": len(plan.compensation.constants),
+                         "inexact_consumers": _inexact(plan),
                          "not_constant": plan.compensation.varying},
         "recovery": [{"consumer": n, "error_before": r["error_before"], "error_after": r["error_after"],
                       "basis": r["basis"]} for n, r in plan.recovery.items()],
     }
+
+
+def _inexact(plan) -> list[str]:
+    """Consumers where a bias cannot carry the removed constant exactly, and why."""
+    nodes = plan.compensation.masked.graph.node
+    out = []
+    for n in sorted({n for n, _ in plan.compensation.constants}):
+        node = nodes[n]
+        attrs = {a.name: a for a in node.attribute}
+        kernel = len(node.input) > 1 and node.op_type.startswith("Conv")
+        padded = "pads" in attrs and any(attrs["pads"].ints) or (
+            "auto_pad" in attrs and attrs["auto_pad"].s not in (b"", b"NOTSET", b"VALID"))
+        if node.op_type == "ConvTranspose":
+            out.append(f"{node.name}: ConvTranspose spreads a constant unevenly; compensated on average")
+        elif kernel and padded:
+            out.append(f"{node.name}: zero padding; the border differs")
+        elif node.name in plan.compensation.varying:
+            out.append(f"{node.name}: its input is not constant everywhere (padding upstream)")
+    return out
 
 
 def verify_masked(plan, pruned_path, fixed: dict, seed: int) -> dict:
