@@ -12,11 +12,23 @@ from math import comb, log2, prod
 from typing import Any
 
 import numpy as np
-
 from sparsec.runtime.codec_bits import DTYPES, UINT, dtype_of, index_bytes, raw_bits
-from sparsec.runtime.codec_nm import check_nm, group_ranks, hw_bits, nm_decode, nm_encode, nm_size, rank_layout
+from sparsec.runtime.codec_nm import (
+    check_nm,
+    group_ranks,
+    hw_bits,
+    nm_decode,
+    nm_encode,
+    nm_size,
+    rank_layout,
+)
 from sparsec.runtime.codec_sparse import (
-    Analysis, check_rle_bits, matrix_dims, sparse_decode, sparse_encode, sparse_size,
+    Analysis,
+    check_rle_bits,
+    matrix_dims,
+    sparse_decode,
+    sparse_encode,
+    sparse_size,
 )
 
 FORMATS = ("dense", "bitmap", "rle", "coo", "csr", "csc", "nm_hw", "nm_rank")
@@ -113,7 +125,8 @@ def decode_buffer(enc: Encoded, buf: np.ndarray) -> np.ndarray:
         _check_derived(enc)
         if fmt == "dense":
             if buf.size != prod(shape) * dt.itemsize:
-                raise ValueError(f"payload is {buf.size} bytes, the shape implies {prod(shape) * dt.itemsize}")
+                raise ValueError(f"payload is {buf.size} bytes, the shape implies "
+                                 f"{prod(shape) * dt.itemsize}")
             flat = buf.view(udt).copy()
         elif fmt in SPARSE_FORMATS:
             flat = sparse_decode(fmt, buf, shape, udt, enc.params)
@@ -161,7 +174,8 @@ def _params_for(fmt: str, nm: tuple[int, int, int] | None, rle_bits: int) -> dic
     if fmt in NM_FORMATS:
         if nm is None:
             raise ValueError(f"encoding {fmt} needs an N:M pattern")
-        return dict(zip(("n", "m", "axis"), nm))
+        n, m, axis = nm
+        return {"n": n, "m": m, "axis": axis}
     return {}
 
 
@@ -183,7 +197,8 @@ def choose(array: np.ndarray, *, nm: tuple[int, int, int] | None = None, rle_bit
     return enc
 
 
-def formula_estimate(format: str, shape: tuple[int, ...], nonzeros: int, value_bits: int, **params: Any) -> int:
+def formula_estimate(format: str, shape: tuple[int, ...], nonzeros: int, value_bits: int,
+                     **params: Any) -> int:
     """The lecture's size estimate in bytes (rounded up), to print next to the exact size.
 
     dense L*n; bitmap nnz*n + L; COO nnz*(n + i); CSR nnz*(n + i) + (rows+1)*ptr; RLE
@@ -218,7 +233,8 @@ def formula_estimate(format: str, shape: tuple[int, ...], nonzeros: int, value_b
 
 
 def formula_estimates(array: np.ndarray, formats: list[str] | tuple[str, ...] = FORMATS, *,
-                      nm: tuple[int, int, int] | None = None, rle_bits: int = DEFAULT_RLE_BITS) -> dict[str, int]:
+                      nm: tuple[int, int, int] | None = None,
+                      rle_bits: int = DEFAULT_RLE_BITS) -> dict[str, int]:
     """``formula_estimate`` for each applicable format of ``array`` (for the report's columns)."""
     array = np.asarray(array)
     bits = raw_bits(array)

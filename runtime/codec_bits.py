@@ -9,12 +9,13 @@ stays in cache; the Python loop is over chunks, never over elements.
 
 from __future__ import annotations
 
-from math import gcd
+from math import gcd, prod
 
 import ml_dtypes
 import numpy as np
 
 CHUNK = 1 << 15
+TILE = 256
 UINT = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 DTYPES: dict[str, np.dtype] = {
     name: np.dtype(t)
@@ -62,15 +63,21 @@ def nonzero_flat(flat: np.ndarray) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0, np.intp)
 
 
-def expand(mask: np.ndarray, values: np.ndarray, out: np.ndarray) -> None:
-    """Scatter ``values`` in order into ``out`` (flat, zeroed) where the flat bool ``mask`` is set.
+def expand(mask: np.ndarray, values: np.ndarray, out: np.ndarray, *, packed: bool = False) -> None:
+    """Scatter ``values`` in order into ``out`` (flat, zeroed) where the flat ``mask`` is set.
 
     Equivalent to ``out[mask] = values`` but per cache-sized chunk with nonzero + fancy scatter,
-    which avoids the branch mispredictions of boolean assignment on random masks.
+    which avoids the branch mispredictions of boolean assignment on random masks. With
+    ``packed`` the mask is a little-endian bit stream (np.packbits order), unpacked per chunk.
     """
     pos = 0
-    for start in range(0, mask.size, CHUNK):
-        idx = np.flatnonzero(mask[start:start + CHUNK])
+    for start in range(0, out.size, CHUNK):
+        if packed:
+            part = np.unpackbits(mask[start // 8:(start + CHUNK) // 8], bitorder="little",
+                                 count=min(CHUNK, out.size - start)).view(bool)
+        else:
+            part = mask[start:start + CHUNK]
+        idx = np.flatnonzero(part)
         if idx.size:
             if pos + idx.size > values.size:
                 raise ValueError("the position data marks more elements than there are values")
@@ -78,6 +85,45 @@ def expand(mask: np.ndarray, values: np.ndarray, out: np.ndarray) -> None:
             pos += idx.size
     if pos != values.size:
         raise ValueError(f"the position data marks {pos} elements but there are {values.size} values")
+
+
+def scatter(out: np.ndarray, idx: np.ndarray, values: np.ndarray) -> None:
+    """``out[idx] = values`` in chunks, so narrow index types widen to intp in cache."""
+    for start in range(0, idx.size, CHUNK):
+        out[idx[start:start + CHUNK]] = values[start:start + CHUNK]
+
+
+def swap_last(a: np.ndarray) -> np.ndarray:
+    """[A, K, B] -> C-contiguous [A, B, K]; big planes go through cache-sized tiles, since numpy's
+    strided copy of a large transpose is about 3x slower than tiled copies."""
+    rows, k, b = a.shape
+    if k < TILE or b < TILE:
+        return np.ascontiguousarray(a.transpose(0, 2, 1))
+    out = np.empty((rows, b, k), a.dtype)
+    for i in range(rows):
+        for k0 in range(0, k, TILE):
+            for b0 in range(0, b, TILE):
+                out[i, b0:b0 + TILE, k0:k0 + TILE] = a[i, k0:k0 + TILE, b0:b0 + TILE].T
+    return out
+
+
+def move_axis_last(a: np.ndarray, axis: int) -> np.ndarray:
+    """C-contiguous copy of ``a`` with ``axis`` moved last (a view-free, tiled np.moveaxis)."""
+    shape = a.shape
+    if axis == len(shape) - 1:
+        return np.ascontiguousarray(a)
+    moved = swap_last(a.reshape(prod(shape[:axis]), shape[axis], prod(shape[axis + 1:])))
+    return moved.reshape(shape[:axis] + shape[axis + 1:] + (shape[axis],))
+
+
+def move_last_axis(a: np.ndarray, axis: int) -> np.ndarray:
+    """Inverse of ``move_axis_last``: the last axis of ``a`` goes back to position ``axis``."""
+    shape = a.shape
+    if axis == len(shape) - 1:
+        return np.ascontiguousarray(a)
+    rest = shape[axis:-1]
+    moved = swap_last(a.reshape(prod(shape[:axis]), prod(rest), shape[-1]))
+    return moved.reshape(shape[:axis] + shape[-1:] + rest)
 
 
 def _pack_small(codes: np.ndarray, width: int) -> np.ndarray:

@@ -9,13 +9,12 @@ stays exact). Kept positions are ascending within a group. Byte layouts: docs/FO
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from itertools import combinations
 from math import comb, log2, prod
 
 import numpy as np
-
-from sparsec.runtime.codec_bits import expand, nonzero_flat, pack_bits, pack_rows, unpack_bits, unpack_rows
+from sparsec.runtime.codec_bits import CHUNK, nonzero_flat, pack_bits, pack_rows, unpack_bits, unpack_rows
 
 MAX_M = 16
 RANK_TOLERANCE = 1.0075  # smallest g whose word costs at most 0.75 % over log2 C(M,N) per group
@@ -40,7 +39,7 @@ def hw_bits(m: int) -> int:
     return max(1, (m - 1).bit_length())
 
 
-@lru_cache(maxsize=None)
+@cache
 def rank_layout(n: int, m: int) -> tuple[int, int]:
     """(g, w): g group ranks per mixed-radix word of w = ceil(log2 C**g) bits."""
     c = comb(m, n)
@@ -62,7 +61,7 @@ def _popcount(v: np.ndarray) -> np.ndarray:
     return np.unpackbits(v.astype("<u2").view(np.uint8)).reshape(-1, 16).sum(1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def tables(n: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """positions [C, n] (lexicographic), group bit mask -> rank [2**m] (-1: > n set), rank -> kept [C, m]."""
     positions = np.array(list(combinations(range(m), n)), np.uint8).reshape(-1, n)
@@ -95,7 +94,8 @@ def group_ranks(bits: np.ndarray, n: int, m: int, axis: int) -> tuple[np.ndarray
     group_mask = packed[:, 0] if m <= 8 else packed.view("<u2")[:, 0]
     ranks = tables(n, m)[1][group_mask]
     if ranks.size and ranks.min() < 0:
-        raise ValueError(f"tensor is not {n}:{m} along axis {axis}: a group of {m} holds more than {n} non-zeros")
+        raise ValueError(f"tensor is not {n}:{m} along axis {axis}: "
+                         f"a group of {m} holds more than {n} non-zeros")
     return moved, ranks
 
 
@@ -131,32 +131,41 @@ def nm_encode(fmt: str, moved: np.ndarray, ranks: np.ndarray, n: int, m: int) ->
     return [values, pack_bits(word, w)]
 
 
-@lru_cache(maxsize=None)
-def _hw_byte_table(n: int, m: int) -> np.ndarray:
-    """For layouts with whole groups per byte: byte -> kept mask of its groups, [256, per*m].
-
-    A group whose codes are out of range or not ascending gets no kept position at all, so the
-    count check in ``expand`` rejects it (every real group must contribute exactly n).
-    """
+@cache
+def _hw_byte_table(n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where whole groups fill a byte: byte -> element offsets of its kept values [256, per*n], and
+    whether every group in the byte is valid (positions in range and ascending) [256]."""
     b = hw_bits(m)
     per = 8 // (n * b)
-    byte = np.arange(256)[:, None, None]
     shift = (np.arange(per)[:, None] * n + np.arange(n)) * b
-    pos = (byte >> shift) & ((1 << b) - 1)  # [256, per, n]
-    valid = (pos < m).all(-1) & (np.diff(pos, axis=-1) > 0).all(-1)
-    kept = np.zeros((256, per, m), bool)
-    np.put_along_axis(kept, np.minimum(pos, m - 1), True, axis=-1)
-    kept &= valid[:, :, None]
-    return kept.reshape(256, per * m)
+    pos = (np.arange(256)[:, None, None] >> shift) & ((1 << b) - 1)  # [256, per, n]
+    valid = ((pos < m).all(-1) & (np.diff(pos, axis=-1) > 0).all(-1)).all(-1)
+    offsets = pos + (np.arange(per) * m)[:, None]
+    return offsets.reshape(256, per * n).astype(np.uint8), valid
 
 
-@lru_cache(maxsize=None)
+@cache
 def _rank_word_table(n: int, m: int) -> np.ndarray:
-    """Whole mixed-radix word -> kept mask of its g groups, [C**g, g*m] (only for small C**g)."""
+    """Whole mixed-radix word -> element offsets of its g groups' kept values, [C**g, g*n]."""
     g, _ = rank_layout(n, m)
     c = comb(m, n)
     digits = (np.arange(c**g)[:, None] // c ** np.arange(g)) % c
-    return tables(n, m)[2][digits].reshape(c**g, g * m)
+    offsets = tables(n, m)[0][digits].astype(np.int64) + (np.arange(g) * m)[:, None]
+    return offsets.reshape(c**g, g * n).astype(np.uint16 if g * m > 255 else np.uint8)
+
+
+def _scatter_units(codes: np.ndarray, table: np.ndarray, unit: int, values: np.ndarray,
+                   out: np.ndarray) -> None:
+    """out[u*unit + table[codes[u]]] = the u-th run of values, for every unit u (a byte, word or group
+    holding a fixed number of kept values). Chunked so the index arithmetic stays in cache, and
+    branch-free, unlike a scan of a kept mask."""
+    per = table.shape[1]
+    step = max(1, CHUNK // unit)
+    base = (np.arange(step, dtype=np.intp) * unit)[:, None]
+    for start in range(0, codes.size, step):
+        end = min(start + step, codes.size)
+        idx = np.take(table, codes[start:end], axis=0) + base[:end - start]
+        out[start * unit:end * unit][idx.reshape(-1)] = values[start * per:end * per]
 
 
 def nm_decode(fmt: str, buf: np.ndarray, shape: tuple[int, ...], dt: np.dtype, params: dict) -> np.ndarray:
@@ -171,48 +180,54 @@ def nm_decode(fmt: str, buf: np.ndarray, shape: tuple[int, ...], dt: np.dtype, p
     expected = nm_size(fmt, shape, dt.itemsize, n, m, axis)
     if buf.size != expected:
         raise ValueError(f"payload is {buf.size} bytes, the parameters imply {expected}")
-    values, meta = buf[:groups * n * dt.itemsize].view(dt), buf[groups * n * dt.itemsize:]
-    if fmt == "nm_hw":
-        mask = _hw_mask(meta, rows, k // m, n, m)
-    else:
-        mask = _rank_mask(meta, groups, n, m)
+    nvals = groups * n * dt.itemsize
+    values, meta = buf[:nvals].view(dt), buf[nvals:]
     out = np.zeros(rows * k, dt)
-    expand(mask, values, out)
+    if fmt == "nm_hw":
+        _hw_scatter(meta, rows, k // m, n, m, values, out)
+    else:
+        _rank_scatter(meta, groups, n, m, values, out)
     if axis == len(shape) - 1:
         return out
     return np.ascontiguousarray(np.moveaxis(out.reshape(moved_shape), -1, axis)).reshape(-1)
 
 
-def _hw_mask(meta: np.ndarray, rows: int, per_row: int, n: int, m: int) -> np.ndarray:
+def _hw_scatter(meta: np.ndarray, rows: int, per_row: int, n: int, m: int, values: np.ndarray,
+                out: np.ndarray) -> None:
     b = hw_bits(m)
-    meta = meta.reshape(rows, -1)
-    if 8 % (n * b) == 0:
-        mask = np.take(_hw_byte_table(n, m), meta, axis=0).reshape(rows, -1, m)[:, :per_row]
-    else:
-        pos = unpack_rows(meta, b, per_row * n).reshape(-1, n).astype(np.intp)
-        if not ((pos < m).all() and (np.diff(pos, axis=1) > 0).all()):
+    if 8 % (n * b) == 0 and per_row % (8 // (n * b)) == 0:  # whole groups in whole bytes: one table
+        offsets, valid = _hw_byte_table(n, m)
+        if not np.take(valid, meta).all():
             raise ValueError("position metadata holds positions that are out of range or not ascending")
-        mask = np.zeros((pos.shape[0], m), bool)
-        np.put_along_axis(mask, pos, True, axis=1)
-    return mask.reshape(-1)
+        _scatter_units(meta, offsets, 8 // (n * b) * m, values, out)
+        return
+    pos = unpack_rows(meta.reshape(rows, -1), b, per_row * n).reshape(-1, n).astype(np.intp)
+    if not ((pos < m).all() and (np.diff(pos, axis=1) > 0).all()):
+        raise ValueError("position metadata holds positions that are out of range or not ascending")
+    ranks = tables(n, m)[1][(1 << pos).sum(1)]
+    _scatter_units(ranks, tables(n, m)[0], m, values, out)
 
 
-def _rank_mask(meta: np.ndarray, groups: int, n: int, m: int) -> np.ndarray:
+def _rank_scatter(meta: np.ndarray, groups: int, n: int, m: int, values: np.ndarray, out: np.ndarray) -> None:
     g, w = rank_layout(n, m)
     c = comb(m, n)
-    kept = tables(n, m)[2]
+    positions = tables(n, m)[0]
     if w == 0:
-        return np.ones(groups * m, bool)
+        _scatter_units(np.zeros(groups, np.intp), positions, m, values, out)
+        return
     words = unpack_bits(meta, w, -(-groups // g))
-    if c**g <= TABLE_LIMIT:
-        if words.size and int(words.max()) >= c**g:
-            raise ValueError("a rank word exceeds C(M,N)**g")
-        return np.take(_rank_word_table(n, m), words, axis=0).reshape(-1)[:groups * m]
-    words = words.astype(np.uint64)
-    ranks = np.empty((words.size, g), np.intp)
-    for j in range(g):
-        ranks[:, j] = words % np.uint64(c)
-        words //= np.uint64(c)
-    if words.any():
+    if words.size and int(words.max()) >= c**g:
         raise ValueError("a rank word exceeds C(M,N)**g")
-    return kept[ranks.reshape(-1)[:groups]].reshape(-1)
+    full = groups // g
+    if c**g <= TABLE_LIMIT:  # whole words through one table, the partial last word group by group
+        _scatter_units(words[:full], _rank_word_table(n, m), g * m, values, out)
+        words = words[full:]
+        first = full * g
+    else:
+        first = 0
+    rest = words.astype(np.uint64)
+    ranks = np.empty((rest.size, g), np.intp)
+    for j in range(g):  # mixed-radix digits, the word's first group least significant
+        ranks[:, j] = rest % np.uint64(c)
+        rest //= np.uint64(c)
+    _scatter_units(ranks.reshape(-1)[:groups - first], positions, m, values[first * n:], out[first * m:])

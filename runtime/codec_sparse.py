@@ -123,7 +123,8 @@ def _split(buf: np.ndarray, dt: np.dtype, nnz: int, expected: int) -> tuple[np.n
     return buf[:vbytes].view(dt), buf[vbytes:]
 
 
-def sparse_decode(fmt: str, buf: np.ndarray, shape: tuple[int, ...], dt: np.dtype, params: dict) -> np.ndarray:
+def sparse_decode(fmt: str, buf: np.ndarray, shape: tuple[int, ...], dt: np.dtype,
+                  params: dict) -> np.ndarray:
     """Flat raw-bit array of ``shape`` from an unstructured payload (``dt`` is the uint dtype)."""
     n = prod(shape)
     nnz = param_int(params, "nnz", 0, n)

@@ -98,6 +98,19 @@ def cli(verbose: bool) -> None:
               help="OWL: layer sparsities stay within S ± lambda.")
 @click.option("--owl-m", type=float, default=5.0, show_default=True,
               help="OWL: a score above M times its layer's mean is an outlier.")
+@click.option("--channels", type=float, metavar="R",
+              help="Remove this fraction of the prunable channels (structured, global ranking).")
+@click.option("--channels-per-layer-max", type=float, default=1.0, show_default=True,
+              help="At most this fraction of any one layer's channels goes.")
+@click.option("--channel-score", default="l1", show_default=True,
+              help="Channel importance: l1, l2 (filter norms), bn (BatchNorm |gamma|), "
+                   "act (calibrated activation x outgoing weights).")
+@click.option("--round-to", type=int, default=1, show_default=True,
+              help="Kept channel counts stay multiples of K (e.g. 8 for tensor cores).")
+@click.option("--fold-bn/--no-fold-bn", default=None,
+              help="Fold BatchNormalization into the preceding layer (default: on with --channels).")
+@click.option("--recover", is_flag=True,
+              help="Refit consumers on the kept channels by least squares (needs calibration).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison with the dense model.")
 @click.option("--force", is_flag=True, help="Overwrite the output directory.")
@@ -109,7 +122,9 @@ def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: floa
                 shapes: tuple[str, ...], nm_everywhere: bool, min_params: int, precision: str,
                 calib: str | None, calib_random: int | None, calib_range: tuple[str, ...],
                 calib_samples: int | None, batch: int, providers: str, sequential: bool, damp: float,
-                block_size: int, owl: bool, owl_lambda: float, owl_m: float, quiet: bool,
+                block_size: int, owl: bool, owl_lambda: float, owl_m: float, channels: float | None,
+                channels_per_layer_max: float, channel_score: str, round_to: int, fold_bn: bool | None,
+                recover: bool, quiet: bool,
                 no_verify: bool, force: bool, as_json: bool, seed: int) -> None:
     """Prune MODEL and write OUTDIR/model.onnx and OUTDIR/report.json.
 
@@ -119,6 +134,7 @@ def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: floa
       sparsec compile model.onnx --nm 4:8 --exclude 'lm_head' --precision fp16 -o out/
       sparsec compile model.onnx --sparsity 0.6 --shape input_ids=1,128 --json
       sparsec compile bert.onnx --nm 2:4 --method sparsegpt --calib calib.npz -o out/
+      sparsec compile resnet.onnx --channels 0.3 --round-to 8 --channel-score bn -o out/
       sparsec compile bert.onnx --sparsity 0.6 --method wanda --owl --calib-random 64 \
           --shape input_ids=1,128 --shape attention_mask=1,128 --calib-range input_ids=0,30522
     """
@@ -133,7 +149,8 @@ def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: floa
         calib_range=parse_ranges(calib_range), calib_samples=calib_samples, batch=batch,
         providers=tuple(p for p in providers.split(",") if p), quiet=quiet or as_json,
         sequential=sequential, damp=damp, block_size=block_size, owl=owl, owl_lambda=owl_lambda,
-        owl_m=owl_m,
+        owl_m=owl_m, channels=channels, channels_per_layer_max=channels_per_layer_max,
+        channel_score=channel_score, round_to=round_to, fold_bn=fold_bn, recover=recover,
     )
     click.echo(report.to_json() if as_json else summary_table(report))
 

@@ -93,12 +93,24 @@ def summary_table(report: Report) -> str:
     t = report.totals
     lines.append("")
     lines.append(f"pruned {t['layers_pruned']}/{t['layers']} layers; weights {t['params']:,} -> "
-                 f"{t['nonzeros']:,} non-zero ({t['sparsity']:.1%} sparse); MACs "
-                 f"{_count(t['macs_dense'])} -> {_count(t['macs_nonzero'])}")
+                 f"{t['nonzeros']:,} {'kept' if report.channels else 'non-zero'} "
+                 f"({t['sparsity']:.1%} removed); MACs {_count(t['macs_dense'])} -> "
+                 f"{_count(t['macs_nonzero'])}")
+    if report.channels:
+        c = report.channels
+        lines.append(f"channels: removed {c['removed']} of {c['removable']} removable")
+        for g in c["groups"]:
+            if g["untouchable"]:
+                lines.append(f"kept whole: {', '.join(g['sources'][:3])}: {g['untouchable'][0]}")
+        for item in c["compensation"]["inexact_consumers"]:
+            lines.append(f"compensation inexact: {item}")
     for s in report.skipped:
         lines.append(f"left dense: {s['name']} ({s['op']}): {s['reason']}")
     if report.verify:
         v = report.verify
+        if "masked" in v:
+            lines.append(f"oracle (pruned vs dense with the same filters zeroed): "
+                         f"max |diff| {v['masked']['max_abs_diff']:.3g}")
         if "max_abs_diff" in v:
             worst = min((o["cosine"] for o in v["outputs"]), default=1.0)
             lines.append(f"verify (onnxruntime, dense vs pruned): max |diff| {v['max_abs_diff']:.3g}, "
