@@ -242,11 +242,12 @@ def main() -> None:
                        for k, v in runs.items())
     if args.profile:
         prof = _child("profile", args, npz)
+        rows = [[k, v, f"{100 * v / prof['wall_s']:.0f} %"] for k, v in prof["phases"].items()]
+        rows += [[f"(a) {k}", v, f"{100 * v / base['wall_s']:.0f} % of (a)"]
+                 for k, v in base["phases"].items()]
         tables.append(f"Where (b)'s time goes (one more wanda run, timers around sparsec's steps; wall "
-                      f"{prof['wall_s']:.2f} s), against the best (a) run:\n\n" + _table(["step", "s", "share"], [
-                          [k, v, f"{100 * v / prof['wall_s']:.0f} %"] for k, v in prof["phases"].items()] + [
-                          [f"(a) {k}", v, f"{100 * v / base['wall_s']:.0f} % of (a)"]
-                          for k, v in base["phases"].items()]))
+                      f"{prof['wall_s']:.2f} s), against the best (a) run:\n\n"
+                      + _table(["step", "s", "share"], rows))
     print("\n\n".join(tables) + f"\n\nspread of wall times: {spread}")
     if args.record:
         _record(args, names, ratio, tables, spread, load)

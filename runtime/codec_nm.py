@@ -14,7 +14,16 @@ from itertools import combinations
 from math import comb, log2, prod
 
 import numpy as np
-from sparsec.runtime.codec_bits import CHUNK, nonzero_flat, pack_bits, pack_rows, unpack_bits, unpack_rows
+from sparsec.runtime.codec_bits import (
+    CHUNK,
+    move_axis_last,
+    move_last_axis,
+    nonzero_flat,
+    pack_bits,
+    pack_rows,
+    unpack_bits,
+    unpack_rows,
+)
 
 MAX_M = 16
 RANK_TOLERANCE = 1.0075  # smallest g whose word costs at most 0.75 % over log2 C(M,N) per group
@@ -88,7 +97,7 @@ def group_ranks(bits: np.ndarray, n: int, m: int, axis: int) -> tuple[np.ndarray
     k = bits.shape[axis]
     if k % m:
         raise ValueError(f"N:M {n}:{m} needs dimension {axis} ({k}) to be a multiple of {m}")
-    moved = np.ascontiguousarray(np.moveaxis(bits, axis, -1)).reshape(-1, k)
+    moved = move_axis_last(bits, axis).reshape(-1, k)
     nz = (moved != 0).reshape(-1, m)
     packed = np.packbits(nz, axis=1, bitorder="little")
     group_mask = packed[:, 0] if m <= 8 else packed.view("<u2")[:, 0]
@@ -187,9 +196,7 @@ def nm_decode(fmt: str, buf: np.ndarray, shape: tuple[int, ...], dt: np.dtype, p
         _hw_scatter(meta, rows, k // m, n, m, values, out)
     else:
         _rank_scatter(meta, groups, n, m, values, out)
-    if axis == len(shape) - 1:
-        return out
-    return np.ascontiguousarray(np.moveaxis(out.reshape(moved_shape), -1, axis)).reshape(-1)
+    return move_last_axis(out.reshape(moved_shape), axis).reshape(-1)
 
 
 def _hw_scatter(meta: np.ndarray, rows: int, per_row: int, n: int, m: int, values: np.ndarray,

@@ -12,7 +12,17 @@ from functools import cached_property
 from math import prod
 
 import numpy as np
-from sparsec.runtime.codec_bits import UINT, expand, index_bytes, nonzero_flat, pack_bits, unpack_bits
+from sparsec.runtime.codec_bits import (
+    CHUNK,
+    UINT,
+    expand,
+    index_bytes,
+    nonzero_flat,
+    pack_bits,
+    scatter,
+    swap_last,
+    unpack_bits,
+)
 
 Sections = list[np.ndarray]
 
@@ -91,8 +101,7 @@ def sparse_encode(fmt: str, a: Analysis, shape: tuple[int, ...], rle_bits: int =
         return [values, a.idx.astype(UINT[width])], {"nnz": nnz, "index_bytes": width}
     rows, cols = matrix_dims(shape)
     if fmt == "csc":
-        t = Analysis(np.ascontiguousarray(a.bits.reshape(rows, cols).T))
-        return _csr_encode(t, cols, rows)
+        return _csr_encode(Analysis(swap_last(a.bits.reshape(1, rows, cols))), cols, rows)
     return _csr_encode(a, rows, cols)
 
 
@@ -132,20 +141,13 @@ def sparse_decode(fmt: str, buf: np.ndarray, shape: tuple[int, ...], dt: np.dtyp
     out = np.zeros(n, dt)
     if fmt == "bitmap":
         values, rest = _split(buf, dt, nnz, (n + 7) // 8 + nnz * s)
-        expand(np.unpackbits(rest, bitorder="little", count=n).view(bool), values, out)
+        expand(rest, values, out, packed=True)
         return out
     if fmt == "rle":
         bits = check_rle_bits(params.get("rle_bits"))
         entries = param_int(params, "entries", nnz, nnz + n)
         values, rest = _split(buf, dt, nnz, (entries * bits + 7) // 8 + nnz * s)
-        codes = unpack_bits(rest, bits, entries)
-        literal = codes != (1 << bits) - 1
-        pos = np.cumsum(codes.astype(np.intp) + literal) - 1
-        if entries != nnz:
-            pos = pos[literal]
-        if pos.size != nnz or (nnz and pos[-1] >= n):
-            raise ValueError("run lengths do not fit the tensor")
-        out[pos] = values
+        _rle_scatter(unpack_bits(rest, bits, entries), (1 << bits) - 1, values, out)
         return out
     width = param_int(params, "index_bytes", 1, 8)
     if width not in UINT:
@@ -155,7 +157,7 @@ def sparse_decode(fmt: str, buf: np.ndarray, shape: tuple[int, ...], dt: np.dtyp
         idx = rest.view(UINT[width])
         if nnz and int(idx.max()) >= n:
             raise ValueError("a flat index lies outside the tensor")
-        out[idx.astype(np.intp) if width == 8 else idx] = values
+        scatter(out, idx.astype(np.intp) if width == 8 else idx, values)
         return out
     rows, cols = matrix_dims(shape)
     if fmt == "csc":
@@ -169,11 +171,35 @@ def sparse_decode(fmt: str, buf: np.ndarray, shape: tuple[int, ...], dt: np.dtyp
     counts = np.diff(ptr)
     if ptr[0] != 0 or ptr[-1] != nnz or (counts < 0).any() or (nnz and int(col.max()) >= cols):
         raise ValueError("row pointers or column indices do not fit the tensor")
-    flat = np.repeat(np.arange(rows, dtype=np.intp) * cols, counts)
-    flat += col
+    step = max(1, CHUNK // max(cols, 1))
+    for r0 in range(0, rows, step):  # blocks of rows, so the index arithmetic stays in cache
+        r1 = min(rows, r0 + step)
+        lo, hi = ptr[r0], ptr[r1]
+        if lo != hi:
+            flat = np.repeat(np.arange(r0, r1, dtype=np.intp) * cols, counts[r0:r1])
+            flat += col[lo:hi]
+            out[flat] = values[lo:hi]
     if fmt == "csc":
-        t = np.zeros(n, dt)
-        t[flat] = values
-        return np.ascontiguousarray(t.reshape(rows, cols).T).reshape(-1)
-    out[flat] = values
+        return swap_last(out.reshape(1, rows, cols)).reshape(-1)
     return out
+
+
+def _rle_scatter(codes: np.ndarray, escape: int, values: np.ndarray, out: np.ndarray) -> None:
+    """Place values after their zero runs: position = running sum of (run + 1), minus escapes' 1."""
+    last, used = -1, 0
+    for start in range(0, codes.size, CHUNK):
+        part = codes[start:start + CHUNK]
+        literal = part != escape
+        pos = part.astype(np.intp)
+        pos += literal
+        np.cumsum(pos, out=pos)
+        pos += last
+        last = int(pos[-1])
+        if not literal.all():
+            pos = pos[literal]
+        if used + pos.size > values.size:
+            raise ValueError("run lengths mark more values than there are")
+        out[pos] = values[used:used + pos.size]
+        used += pos.size
+    if used != values.size:
+        raise ValueError(f"run lengths mark {used} values but there are {values.size}")
