@@ -166,9 +166,14 @@ def unpack_bits(buf: np.ndarray, width: int, count: int) -> np.ndarray:
     buf = buf[:need]
     if width in (8, 16, 32, 64):
         return buf.view(UINT[width // 8])
-    if width in (1, 2, 4):
-        shifts = np.arange(0, 8, width, dtype=np.uint8)
-        return ((buf[:, None] >> shifts) & np.uint8((1 << width) - 1)).reshape(-1)[:count]
+    if width == 1:
+        return np.unpackbits(buf, bitorder="little", count=count)
+    if width in (2, 4):
+        per = 8 // width
+        out = np.empty((buf.size, per), np.uint8)
+        for j in range(per):  # column by column: a broadcast over a short last axis is slow
+            np.bitwise_and(buf >> np.uint8(j * width), np.uint8((1 << width) - 1), out=out[:, j])
+        return out.reshape(-1)[:count]
     if width > 57:
         raise ValueError(f"bit width {width} out of range 1..57 for unaligned codes")
     # Eight codes fill exactly `width` bytes, so code j of every octet starts at the same byte and
