@@ -85,15 +85,17 @@ def export_minilm(path: Path, exporter: str = "dynamo") -> Path:
         names = (*kwargs["input_names"], *kwargs["output_names"])
         kwargs.update(dynamo=False, dynamic_axes={n: dims for n in names})
     path.parent.mkdir(parents=True, exist_ok=True)
-    quiet = logging.getLogger("torch.onnx")
+    quiet = logging.getLogger("torch.onnx")  # opset 18 -> 17 conversion and torchvision notices
     level = quiet.level
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quiet.setLevel(logging.ERROR)  # opset 18 -> 17 conversion and torchvision notices
-        staged = Path(tmp) / "minilm.onnx"
-        torch.onnx.export(module, (ids, mask), str(staged), **kwargs)
-        model = onnx.load(str(staged), load_external_data=True)
-        quiet.setLevel(level)
+        quiet.setLevel(logging.ERROR)
+        try:
+            staged = Path(tmp) / "minilm.onnx"
+            torch.onnx.export(module, (ids, mask), str(staged), **kwargs)
+            model = onnx.load(str(staged), load_external_data=True)
+        finally:
+            quiet.setLevel(level)
     _name_nodes(model)
     onnx.checker.check_model(model)
     partial = path.with_name(path.name + ".partial")

@@ -45,6 +45,7 @@ class PruneChannelsPass:
         editor.finish()
         changed = {n for n, lay in self.analysis.layouts.items()
                    if any(e in self.removed for e in lay.elems.tolist())}
+        changed |= {t.name for t in ctx.model.graph.initializer}  # sliced constants too
         keep_vi = [vi for vi in ctx.model.graph.value_info if vi.name not in changed]
         del ctx.model.graph.value_info[:]
         ctx.model.graph.value_info.extend(keep_vi)

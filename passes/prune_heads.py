@@ -93,7 +93,8 @@ def _set_count(model, index, reshape: int, count: int, block, inserts, merged: b
         values = found.copy().ravel()
         if values.size != 1 or int(values[0]) <= 0:
             continue
-        is_heads = not merged and k == len(concat.input) - 2 and int(values[0]) in (block.heads, block.kv_heads)
+        in_slot = k == len(concat.input) - 2
+        is_heads = not merged and in_slot and int(values[0]) in (block.heads, block.kv_heads)
         is_width = merged and int(values[0]) == old
         if is_heads or is_width:
             clone = helper.make_node("Concat", list(concat.input), [f"{target}__{node.name}"],

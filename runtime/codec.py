@@ -7,6 +7,7 @@ size formulas and the container are specified in docs/FORMAT.md.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from math import comb, log2, prod
 from typing import Any
@@ -89,7 +90,7 @@ def _encode(a: Analysis, dtype: str, fmt: str, params: dict[str, Any]) -> Encode
             out["index_bits"] = hw_bits(m)
         else:
             out["group_words"], out["word_bits"] = rank_layout(n, m)
-    payload = b"".join(np.ascontiguousarray(s).tobytes() for s in sections)
+    payload = b"".join(np.ascontiguousarray(s).reshape(-1).view(np.uint8).data for s in sections)
     return Encoded(fmt, shape, dtype, out, payload)
 
 
@@ -229,7 +230,7 @@ def formula_estimate(format: str, shape: tuple[int, ...], nonzeros: int, value_b
         nn, m = params["n"], params["m"]
         meta = total * nn / m * hw_bits(m) if fmt == "nm_hw" else total / m * log2(comb(m, nn))
         bits = total * nn / m * n + meta
-    return int(-(-bits // 8))
+    return math.ceil(round(bits, 6) / 8)  # round first: a 1e-12 bit of expected escape is no byte
 
 
 def formula_estimates(array: np.ndarray, formats: list[str] | tuple[str, ...] = FORMATS, *,

@@ -18,7 +18,6 @@ from sparsec.runtime.codec_bits import (
     CHUNK,
     move_axis_last,
     move_last_axis,
-    nonzero_flat,
     pack_bits,
     pack_rows,
     unpack_bits,
@@ -71,21 +70,20 @@ def _popcount(v: np.ndarray) -> np.ndarray:
 
 
 @cache
-def tables(n: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """positions [C, n] (lexicographic), group bit mask -> rank [2**m] (-1: > n set), rank -> kept [C, m]."""
+def tables(n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions [C, n] of each rank, lexicographic; group bit mask -> rank [2**m], -1 when more
+    than n bits are set, groups with fewer padded with their lowest zero positions)."""
     positions = np.array(list(combinations(range(m), n)), np.uint8).reshape(-1, n)
-    kept = np.zeros((len(positions), m), bool)
-    kept[np.arange(len(positions))[:, None], positions] = True
     rank_of = np.full(1 << m, -1, np.int32)
-    rank_of[(kept * (1 << np.arange(m))).sum(1)] = np.arange(len(positions))
+    rank_of[(1 << positions.astype(np.int64)).sum(1)] = np.arange(len(positions))
     masks = np.arange(1 << m, dtype=np.int64)
     count = _popcount(masks)
     filled, have = masks.copy(), count.copy()
-    for _ in range(n):  # pad groups with fewer than n non-zeros with their lowest zero positions
+    for _ in range(n):  # add the lowest unset bit until n are set
         need = have < n
         filled = np.where(need, filled | (~filled & (filled + 1)), filled)
         have = have + need
-    return positions, np.where(count <= n, rank_of[filled], -1).astype(np.int32), kept
+    return positions, np.where(count <= n, rank_of[filled], -1).astype(np.int32)
 
 
 def _moved_shape(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
@@ -97,15 +95,30 @@ def group_ranks(bits: np.ndarray, n: int, m: int, axis: int) -> tuple[np.ndarray
     k = bits.shape[axis]
     if k % m:
         raise ValueError(f"N:M {n}:{m} needs dimension {axis} ({k}) to be a multiple of {m}")
-    moved = move_axis_last(bits, axis).reshape(-1, k)
-    nz = (moved != 0).reshape(-1, m)
-    packed = np.packbits(nz, axis=1, bitorder="little")
-    group_mask = packed[:, 0] if m <= 8 else packed.view("<u2")[:, 0]
-    ranks = tables(n, m)[1][group_mask]
+    moved = move_axis_last(bits, axis).reshape(prod(_moved_shape(bits.shape, axis)[:-1]), k)
+    group_mask = _group_masks((moved != 0).reshape(-1, m))
+    ranks = np.take(tables(n, m)[1], group_mask)
     if ranks.size and ranks.min() < 0:
         raise ValueError(f"tensor is not {n}:{m} along axis {axis}: "
                          f"a group of {m} holds more than {n} non-zeros")
     return moved, ranks
+
+
+def _group_masks(nz: np.ndarray) -> np.ndarray:
+    """Bit mask (bit j = element j non-zero) of each group of a [G, m] bool array.
+
+    For m = 2, 4, 8 a group's bools are one little-endian integer of 0/1 bytes; multiplying by
+    sum(2**(P - 7*j)) moves byte j's bit to bit P + j with no carries (all partial products land
+    on distinct bits), so one multiply and shift replace a slow packbits along a short axis.
+    """
+    m = nz.shape[1]
+    if m in (2, 4, 8) and nz.flags.c_contiguous:
+        word = np.dtype(f"<u{m}")
+        top = 8 * m - 8
+        factor = word.type(sum(1 << (top - 7 * j) for j in range(m)))
+        return (nz.view(np.uint8).view(word)[:, 0] * factor) >> word.type(top)
+    packed = np.packbits(nz, axis=1, bitorder="little")
+    return packed[:, 0] if m <= 8 else packed.view("<u2")[:, 0]
 
 
 def nm_size(fmt: str, shape: tuple[int, ...], itemsize: int, n: int, m: int, axis: int) -> int:
@@ -123,11 +136,11 @@ def nm_size(fmt: str, shape: tuple[int, ...], itemsize: int, n: int, m: int, axi
 
 def nm_encode(fmt: str, moved: np.ndarray, ranks: np.ndarray, n: int, m: int) -> list[np.ndarray]:
     """Payload sections (values, metadata) from ``group_ranks`` output."""
-    positions, _, kept = tables(n, m)
-    values = moved.reshape(-1)[nonzero_flat(kept[ranks].reshape(-1))]
+    positions = tables(n, m)[0]
+    values = _gather_units(ranks, positions, m, moved.reshape(-1))
     if fmt == "nm_hw":
         rows = moved.shape[0]
-        return [values, pack_rows(positions[ranks].reshape(rows, -1), hw_bits(m))]
+        return [values, pack_rows(positions[ranks].reshape(rows, moved.shape[1] // m * n), hw_bits(m))]
     g, w = rank_layout(n, m)
     if w == 0:
         return [values]
@@ -177,6 +190,19 @@ def _scatter_units(codes: np.ndarray, table: np.ndarray, unit: int, values: np.n
         out[start * unit:end * unit][idx.reshape(-1)] = values[start * per:end * per]
 
 
+def _gather_units(codes: np.ndarray, table: np.ndarray, unit: int, src: np.ndarray) -> np.ndarray:
+    """Inverse of ``_scatter_units``: the kept values of every unit, in order."""
+    per = table.shape[1]
+    out = np.empty(codes.size * per, src.dtype)
+    step = max(1, CHUNK // unit)
+    base = (np.arange(step, dtype=np.intp) * unit)[:, None]
+    for start in range(0, codes.size, step):
+        end = min(start + step, codes.size)
+        idx = np.take(table, codes[start:end], axis=0) + base[:end - start]
+        np.take(src[start * unit:end * unit], idx.reshape(-1), out=out[start * per:end * per])
+    return out
+
+
 def nm_decode(fmt: str, buf: np.ndarray, shape: tuple[int, ...], dt: np.dtype, params: dict) -> np.ndarray:
     """Flat raw-bit array from an nm_hw / nm_rank payload (``dt`` is the uint dtype)."""
     n, m, axis = check_nm(params.get("n"), params.get("m"), params.get("axis"), len(shape))
@@ -208,14 +234,16 @@ def _hw_scatter(meta: np.ndarray, rows: int, per_row: int, n: int, m: int, value
             raise ValueError("position metadata holds positions that are out of range or not ascending")
         _scatter_units(meta, offsets, 8 // (n * b) * m, values, out)
         return
-    pos = unpack_rows(meta.reshape(rows, -1), b, per_row * n).reshape(-1, n).astype(np.intp)
+    pos = unpack_rows(meta.reshape(rows, (per_row * n * b + 7) // 8), b, per_row * n)
+    pos = pos.reshape(-1, n).astype(np.intp)
     if not ((pos < m).all() and (np.diff(pos, axis=1) > 0).all()):
         raise ValueError("position metadata holds positions that are out of range or not ascending")
     ranks = tables(n, m)[1][(1 << pos).sum(1)]
     _scatter_units(ranks, tables(n, m)[0], m, values, out)
 
 
-def _rank_scatter(meta: np.ndarray, groups: int, n: int, m: int, values: np.ndarray, out: np.ndarray) -> None:
+def _rank_scatter(meta: np.ndarray, groups: int, n: int, m: int, values: np.ndarray,
+                  out: np.ndarray) -> None:
     g, w = rank_layout(n, m)
     c = comb(m, n)
     positions = tables(n, m)[0]

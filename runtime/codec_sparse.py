@@ -15,7 +15,9 @@ import numpy as np
 from sparsec.runtime.codec_bits import (
     CHUNK,
     UINT,
+    escapes,
     expand,
+    gather,
     index_bytes,
     nonzero_flat,
     pack_bits,
@@ -40,18 +42,19 @@ class Analysis:
     def idx(self) -> np.ndarray:
         return nonzero_flat(self.flat)
 
-    @property
-    def nnz(self) -> int:
-        return int(self.idx.size)
-
     @cached_property
+    def nnz(self) -> int:
+        return int(self.idx.size) if "idx" in self.__dict__ else int(np.count_nonzero(self.flat))
+
     def runs(self) -> np.ndarray:
         """Length of the zero run before each non-zero."""
         return np.diff(self.idx, prepend=-1) - 1
 
     def rle_entries(self, bits: int) -> int:
-        escape = (1 << bits) - 1
-        return self.nnz + int((self.runs // escape).sum())
+        key = ("rle_entries", bits)
+        if key not in self.__dict__:
+            self.__dict__[key] = self.nnz + escapes(self.idx, (1 << bits) - 1)
+        return self.__dict__[key]
 
 
 def matrix_dims(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -84,13 +87,13 @@ def sparse_size(fmt: str, a: Analysis, shape: tuple[int, ...], rle_bits: int = 4
 
 def sparse_encode(fmt: str, a: Analysis, shape: tuple[int, ...], rle_bits: int = 4) -> tuple[Sections, dict]:
     """Payload sections and manifest parameters for one of the unstructured formats."""
-    values = a.flat[a.idx]
+    values = gather(a.flat, a.idx)
     nnz = a.nnz
     if fmt == "bitmap":
         return [values, np.packbits(a.flat != 0, bitorder="little")], {"nnz": nnz}
     if fmt == "rle":
         escape = (1 << rle_bits) - 1
-        runs = a.runs
+        runs = a.runs()
         extra = runs // escape
         codes = np.full(nnz + int(extra.sum()), escape, np.uint16)
         codes[np.cumsum(extra + 1) - 1] = runs - extra * escape
@@ -113,7 +116,7 @@ def _csr_encode(a: Analysis, rows: int, cols: int) -> tuple[Sections, dict]:
     width, pwidth = index_bytes(max(cols - 1, 0)), index_bytes(nnz)
     col = (idx - row * cols).astype(UINT[width])
     params = {"nnz": nnz, "index_bytes": width, "pointer_bytes": pwidth}
-    return [a.flat[idx], col, ptr.astype(UINT[pwidth])], params
+    return [gather(a.flat, idx), col, ptr.astype(UINT[pwidth])], params
 
 
 def param_int(params: dict, key: str, lo: int = 0, hi: int | None = None) -> int:

@@ -47,6 +47,9 @@ def compile(  # noqa: A001 - the natural name for a compiler's entry point
     round_to: int = 1,
     fold_bn: bool | None = None,
     recover: bool = False,
+    heads: float | None = None,
+    heads_per_layer: int | None = None,
+    ffn: float | None = None,
 ) -> Report:
     """Prune an ONNX model and write OUTDIR/model.onnx and OUTDIR/report.json.
 
@@ -68,6 +71,7 @@ def compile(  # noqa: A001 - the natural name for a compiler's entry point
         sequential=sequential, damp=damp, block_size=block_size, owl=owl, owl_lambda=owl_lambda,
         owl_m=owl_m, channels=channels, channels_per_layer_max=channels_per_layer_max,
         channel_score=channel_score, round_to=round_to, fold_bn=fold_bn, recover=recover,
+        heads=heads, heads_per_layer=heads_per_layer, ffn=ffn,
     )
     return compile_model(model, options, output)
 

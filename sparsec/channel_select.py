@@ -56,10 +56,17 @@ def filter_scores(model: onnx.ModelProto, store: TensorStore, analysis: ChannelA
 
 
 def choose_channels(analysis: ChannelAnalysis, scores: dict[str, np.ndarray], ratio: float,
-                    per_layer_max: float = 1.0, round_to: int = 1) -> ChannelChoice:
-    """Remove the lowest-scored removable channels until `ratio` of them are gone."""
+                    per_layer_max: float = 1.0, round_to: int = 1, ops: tuple[str, ...] | None = None
+                    ) -> ChannelChoice:
+    """Remove the lowest-scored removable channels until `ratio` of them are gone.
+
+    `ops` limits the choice to channels whose every source is one of these ops (--ffn: the
+    MatMul/Gemm hidden dimensions, which in a transformer are the FFN neurons).
+    """
     classes = {c: m for c, m in analysis.classes().items() if c not in analysis.untouchable}
     src_of = {e: analysis.source_of(e) for members in classes.values() for e in members}
+    if ops is not None:
+        classes = {c: m for c, m in classes.items() if all(src_of[e].op in ops for e in m)}
     unit_score = {c: float(np.mean([scores[src_of[e].name][e - src_of[e].first] for e in m]))
                   for c, m in classes.items()}
     kept = {s.name: s.channels for s in analysis.sources}

@@ -111,6 +111,10 @@ def cli(verbose: bool) -> None:
               help="Fold BatchNormalization into the preceding layer (default: on with --channels).")
 @click.option("--recover", is_flag=True,
               help="Refit consumers on the kept channels by least squares (needs calibration).")
+@click.option("--heads", type=float, metavar="R",
+              help="Remove this fraction of attention heads (global ranking, one kept per layer).")
+@click.option("--heads-per-layer", type=int, metavar="N", help="Keep exactly N heads in every layer.")
+@click.option("--ffn", type=float, metavar="R", help="Remove this fraction of FFN neurons.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison with the dense model.")
 @click.option("--force", is_flag=True, help="Overwrite the output directory.")
@@ -124,7 +128,8 @@ def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: floa
                 calib_samples: int | None, batch: int, providers: str, sequential: bool, damp: float,
                 block_size: int, owl: bool, owl_lambda: float, owl_m: float, channels: float | None,
                 channels_per_layer_max: float, channel_score: str, round_to: int, fold_bn: bool | None,
-                recover: bool, quiet: bool,
+                recover: bool, heads: float | None, heads_per_layer: int | None, ffn: float | None,
+                quiet: bool,
                 no_verify: bool, force: bool, as_json: bool, seed: int) -> None:
     """Prune MODEL and write OUTDIR/model.onnx and OUTDIR/report.json.
 
@@ -135,6 +140,7 @@ def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: floa
       sparsec compile model.onnx --sparsity 0.6 --shape input_ids=1,128 --json
       sparsec compile bert.onnx --nm 2:4 --method sparsegpt --calib calib.npz -o out/
       sparsec compile resnet.onnx --channels 0.3 --round-to 8 --channel-score bn -o out/
+      sparsec compile bert.onnx --heads 0.25 --ffn 0.25 --calib calib.npz -o out/
       sparsec compile bert.onnx --sparsity 0.6 --method wanda --owl --calib-random 64 \
           --shape input_ids=1,128 --shape attention_mask=1,128 --calib-range input_ids=0,30522
     """
@@ -151,6 +157,7 @@ def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: floa
         sequential=sequential, damp=damp, block_size=block_size, owl=owl, owl_lambda=owl_lambda,
         owl_m=owl_m, channels=channels, channels_per_layer_max=channels_per_layer_max,
         channel_score=channel_score, round_to=round_to, fold_bn=fold_bn, recover=recover,
+        heads=heads, heads_per_layer=heads_per_layer, ffn=ffn,
     )
     click.echo(report.to_json() if as_json else summary_table(report))
 

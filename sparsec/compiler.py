@@ -34,6 +34,10 @@ from sparsec.weights import GraphIndex
 def build_pipeline(options: CompileOptions, targets: list[PruneTarget], model: onnx.ModelProto,
                    settings: CalibrationSettings | None = None, plan=None) -> Pipeline:
     """The one place that knows the order of the passes."""
+    if options.transformer:
+        passes = plan.passes()
+        passes += [PrecisionPass(options.precision)] if options.precision != "fp32" else []
+        return Pipeline(passes)
     if plan is not None:
         from sparsec.passes.fold_bn import FoldBatchNormPass
         from sparsec.passes.prune_channels import PruneChannelsPass
@@ -95,11 +99,18 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
     timings["analyze_s"] = time.perf_counter() - start
 
     settings = _calibration(loaded, options, fixed) if options.calibrated else None
-    plan = None
-    if options.structured:
+    plan = masked = None
+    if options.transformer:
+        from sparsec.transformer_compile import plan_transformer
+
+        plan = plan_transformer(model, loaded.store, options, fixed, settings)
+        masked = plan.masked(model, loaded.store)
+        timings["analyze_s"] = time.perf_counter() - start
+    elif options.structured:
         from sparsec.structured import plan_structured
 
         plan = plan_structured(model, loaded.store, options, fixed, settings)
+        masked = plan.compensation.masked
         timings["analyze_s"] = time.perf_counter() - start
     start = time.perf_counter()
     results = build_pipeline(options, targets, model, settings, plan).run(ctx)
@@ -110,7 +121,11 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
     if plan is not None:
         from sparsec.structured_report import structured_section
 
-        structured_section(report, ctx, plan, analysis, macs, fixed)
+        structured_section(report, ctx, plan.ffn if options.transformer else plan, analysis, macs, fixed)
+        if options.transformer:
+            from sparsec.transformer_compile import transformer_section
+
+            report.transformer = transformer_section(plan, model, fixed)
     with staged_dir(out, options.force, (model_path, *loaded.data_files)) as tmp:
         start = time.perf_counter()
         save_model(ctx.model, tmp / "model.onnx", ctx.store, external=loaded.external)
@@ -118,10 +133,11 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
         if options.verify:
             start = time.perf_counter()
             report.verify = _verify(model_path, tmp / "model.onnx", ctx, fixed, options)
-            if plan is not None and "max_abs_diff" in report.verify:
+            if masked is not None and "max_abs_diff" in report.verify:
                 from sparsec.structured_report import verify_masked
 
-                report.verify["masked"] = verify_masked(plan, tmp / "model.onnx", fixed, options.seed)
+                report.verify["masked"] = verify_masked(masked, tmp / "model.onnx", fixed, options.seed,
+                                                        options.recover)
             timings["verify_s"] = time.perf_counter() - start
         report.timings = timings
         (tmp / "report.json").write_text(report.to_json())

@@ -42,6 +42,8 @@ class InspectReport:
     layers: list[InspectLayer]
     totals: dict[str, Any]
     skipped: list[dict[str, str]] = field(default_factory=list)
+    attention: list[dict[str, Any]] = field(default_factory=list)
+    unexplained_softmax: list[dict[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +73,9 @@ def inspect_model(model_path: str | Path, shapes: dict[str, tuple[int, ...]] | N
             satisfies={f"{n}:{m}": satisfies_nm(values, n, m, layer.reduction_axis)
                        for n, m in PATTERNS},
         ))
+    from sparsec.attention import find_attention
+
+    attention = find_attention(model)
     unique = {e.weight: e for e in layers}
     known = [e.macs for e in layers if e.macs is not None]
     return InspectReport(
@@ -81,6 +86,10 @@ def inspect_model(model_path: str | Path, shapes: dict[str, tuple[int, ...]] | N
                 "nonzeros": sum(e.nonzeros for e in unique.values()), "macs": sum(known),
                 "macs_unknown_layers": len(layers) - len(known)},
         skipped=[{"name": s.name, "op": s.op, "reason": s.reason} for s in analysis.skipped],
+        attention=[{"layer": b.name, "heads": b.heads, "kv_heads": b.kv_heads, "head_dim": b.head_dim,
+                    "q": b.q.weight, "k": b.k.weight, "v": b.v.weight, "o": b.o.weight}
+                   for b in attention.blocks],
+        unexplained_softmax=[{"node": n, "reason": r} for n, r in attention.unexplained],
     )
 
 
@@ -101,4 +110,9 @@ def inspect_table(report: InspectReport) -> str:
             lines.append(f"not TensorRT 2:4: {e.name}: {e.tensorrt_nm['2:4']}")
     for s in report.skipped:
         lines.append(f"not prunable: {s['name']} ({s['op']}): {s['reason']}")
+    for a in report.attention:
+        lines.append(f"attention {a['layer']}: {a['heads']} heads ({a['kv_heads']} K/V) of {a['head_dim']}; "
+                     f"Q {a['q']}, K {a['k']}, V {a['v']}, O {a['o']}")
+    for u in report.unexplained_softmax:
+        lines.append(f"unexplained {u['node']}: {u['reason']}")
     return "\n".join(lines)

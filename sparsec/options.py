@@ -92,10 +92,17 @@ class CompileOptions:
     round_to: int = 1
     fold_bn: bool | None = None  # None: on for --channels, off for weight pruning
     recover: bool = False
+    heads: float | None = None
+    heads_per_layer: int | None = None
+    ffn: float | None = None
+
+    @property
+    def transformer(self) -> bool:
+        return self.heads is not None or self.heads_per_layer is not None or self.ffn is not None
 
     @property
     def structured(self) -> bool:
-        return self.channels is not None
+        return self.channels is not None or self.transformer
 
     @property
     def folds_bn(self) -> bool:
@@ -131,7 +138,22 @@ class CompileOptions:
         if self.owl_m <= 0:
             raise SparsecError(f"--owl-m {self.owl_m} must be positive")
 
+    def _check_transformer(self) -> None:
+        for flag, value in (("--heads", self.heads), ("--ffn", self.ffn)):
+            if value is not None and not 0.0 <= value < 1.0:
+                raise SparsecError(f"{flag} {value} is out of range", "use 0 <= R < 1")
+        if self.heads_per_layer is not None and self.heads_per_layer < 1:
+            raise SparsecError(f"--heads-per-layer {self.heads_per_layer} must be at least 1")
+        if self.heads is not None and self.heads_per_layer is not None:
+            raise SparsecError("--heads and --heads-per-layer are exclusive", "choose one")
+        if self.nm is not None or self.sparsity is not None or self.channels is not None:
+            raise SparsecError("--heads/--ffn cannot be combined with --nm, --sparsity or --channels",
+                               "compile twice: first --heads/--ffn, then the other on the result")
+
     def _check_channels(self) -> None:
+        if self.transformer:
+            self._check_transformer()
+            return
         if self.channels is None:
             if self.recover:
                 raise SparsecError("--recover refits layers after --channels; give --channels R")
@@ -217,4 +239,7 @@ class CompileOptions:
             "round_to": self.round_to,
             "fold_bn": self.folds_bn,
             "recover": self.recover,
+            "heads": self.heads,
+            "heads_per_layer": self.heads_per_layer,
+            "ffn": self.ffn,
         }

@@ -49,6 +49,7 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     tensorrt: dict[str, Any] = field(default_factory=dict)
     channels: dict[str, Any] | None = None  # channel pruning: sources, groups, compensation
+    transformer: dict[str, Any] | None = None  # heads/FFN per block and the cost model
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,6 +97,13 @@ def summary_table(report: Report) -> str:
                  f"{t['nonzeros']:,} {'kept' if report.channels else 'non-zero'} "
                  f"({t['sparsity']:.1%} removed); MACs {_count(t['macs_dense'])} -> "
                  f"{_count(t['macs_nonzero'])}")
+    if report.transformer:
+        for b in report.transformer["blocks"]:
+            ffn = f", FFN {b['ffn_before']} -> {b['ffn_after']}" if b["ffn_before"] else ""
+            lines.append(f"{b['block']}: heads {b['heads_before']} -> {b['heads_after']}{ffn}")
+        cm = report.transformer["cost_model"]
+        lines.append(f"transformer cost model (B={cm['batch']}, L={cm['seq']}, E={cm['hidden']}): "
+                     f"{_count(cm['before'])} -> {_count(cm['after'])}")
     if report.channels:
         c = report.channels
         lines.append(f"channels: removed {c['removed']} of {c['removable']} removable")

@@ -36,20 +36,23 @@ def consumer_layers(model: onnx.ModelProto, analysis: ChannelAnalysis) -> dict[i
 
 
 def plan_structured(model: onnx.ModelProto, store: TensorStore, options: CompileOptions,
-                    fixed: dict, settings=None) -> StructuredPlan:
+                    fixed: dict, settings=None, *, ratio: float | None = None,
+                    ops: tuple[str, ...] | None = None, score: str | None = None) -> StructuredPlan:
+    """Channels to remove; `ratio`/`ops`/`score` override the options (used for --ffn)."""
     shapes = infer_shapes(model, fixed)
     analysis = analyse_channels(model, shapes)
     stats = None
-    if settings is not None and (options.channel_score == "act" or options.recover):
+    score = score or options.channel_score
+    if settings is not None and (score == "act" or options.recover):
         from sparsec.runtime.calibrate import collect_stats
 
         layers = list(consumer_layers(model, analysis).values())
         stats = collect_stats(model, store, layers, settings,
                               {la.name for la in layers} if options.recover else set())
-    energy = _act_energy(model, store, analysis, stats) if options.channel_score == "act" else None
-    scores, notes = filter_scores(model, store, analysis, options.channel_score, energy)
-    choice = choose_channels(analysis, scores, options.channels or 0.0,
-                             options.channels_per_layer_max, options.round_to)
+    energy = _act_energy(model, store, analysis, stats) if score == "act" else None
+    scores, notes = filter_scores(model, store, analysis, score, energy)
+    choice = choose_channels(analysis, scores, ratio if ratio is not None else options.channels or 0.0,
+                             options.channels_per_layer_max, options.round_to, ops)
     compensation = compute_compensation(model, store, analysis, choice.removed, fixed, options.seed)
     recovery = _recover(model, store, analysis, choice, stats) if options.recover else {}
     return StructuredPlan(analysis, choice, compensation, notes, recovery)

@@ -24,14 +24,14 @@ def structured_section(report: Report, ctx: PassContext, plan, old: LayerAnalysi
         params_before = was.params if was else layer.params
         changed = layer.params != params_before
         weight_bytes[layer.weight] = layer.params * ctx.store.read(index.constant(layer.source)).itemsize
-        recovery = plan.recovery.get(layer.node_index)
+        recovery = plan.recovery.get(layer.node_index) if plan else None
         entries.append(LayerEntry(
             name=layer.name, op=layer.op, weight=layer.weight, shape=list(layer.shape),
             reduction_axis=layer.reduction_axis, pattern="channels" if changed else "dense",
             sparsity=1.0 - layer.params / params_before, params=params_before, nonzeros=layer.params,
             macs_dense=old_macs.get(layer.name), macs_nonzero=new_macs.get(layer.name),
             skipped_reason=None if changed else "no channel of this layer was removed",
-            method=f"channels/{report.options['channel_score']}" if changed else None,
+            method="structured" if changed else None,
             rel_error=recovery["error_after"] if recovery else None,
             rel_error_basis=recovery["basis"] if recovery else None,
             note=(f"least-squares recovery: error {recovery['error_before']:.4f} -> "
@@ -40,7 +40,7 @@ def structured_section(report: Report, ctx: PassContext, plan, old: LayerAnalysi
     report.layers = entries
     report.totals = totals(entries, weight_bytes)
     report.totals["weights_after"] = sum(e.nonzeros for e in entries)
-    report.channels = _channels(plan)
+    report.channels = _channels(plan) if plan else None
 
 
 def _channels(plan) -> dict:
@@ -82,19 +82,19 @@ def _inexact(plan) -> list[str]:
     return out
 
 
-def verify_masked(plan, pruned_path, fixed: dict, seed: int) -> dict:
+def verify_masked(masked_model, pruned_path, fixed: dict, seed: int, recovered: bool = False) -> dict:
     """The oracle: the smaller model against the dense model with the same filters zeroed."""
     from sparsec.runtime.session import make_session, make_session_from_proto, random_feeds
     from sparsec.runtime.verify import compare_outputs
 
     pruned = make_session(pruned_path)
-    masked = make_session_from_proto(plan.compensation.masked)
+    masked = make_session_from_proto(masked_model)
     feeds = random_feeds(pruned, fixed, seed)
     names = [o.name for o in pruned.get_outputs()]
     diffs = compare_outputs(masked.run(names, feeds), pruned.run(names, feeds), names)
     return {"max_abs_diff": max((d.max_abs_diff for d in diffs), default=0.0),
             "outputs": [asdict(d) for d in diffs],
-            "recovered": bool(plan.recovery),
+            "recovered": recovered,
             "note": "with --recover the pruned model is refit toward the dense model, not the masked one"
-            if plan.recovery else "exact up to float error where every consumer is a Gemm, MatMul, "
+            if recovered else "exact up to float error where every consumer is a Gemm, MatMul, "
             "1x1 Conv or k×k Conv without padding; zero-padded borders of k×k Convs differ"}

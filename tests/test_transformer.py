@@ -1,0 +1,107 @@
+"""Heads and FFN neurons: attention found in both exporters and MiniLM-like graphs, oracles hold."""
+
+import numpy as np
+import onnx
+import pytest
+from helpers import run
+
+import sparsec
+from sparsec.attention import find_attention
+from sparsec.transformer_plan import choose_heads, cost_model
+
+SHAPES = {"input_ids": (2, 12), "attention_mask": (2, 12)}
+
+
+def feeds(batch, length, seed=0, pad=0):
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, length), np.int64)
+    if pad:
+        mask[1:, -pad:] = 0
+    return {"input_ids": rng.integers(0, 100, (batch, length)).astype(np.int64), "attention_mask": mask}
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_attention_found_in_both_exporters(transformer_models, exporter):
+    analysis = find_attention(transformer_models[exporter])
+    assert [(b.heads, b.kv_heads, b.head_dim) for b in analysis.blocks] == [(4, 4, 16)] * 2
+    assert not analysis.unexplained
+    weights = {t.name: tuple(t.dims) for t in transformer_models[exporter].graph.initializer}
+    for b in analysis.blocks:
+        assert weights[b.q.weight] == (64, 64) and weights[b.o.weight] == (64, 64)
+        assert b.q.bias is not None and b.o.bias is not None
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("kwargs", [{"heads": 0.5}, {"ffn": 0.5}, {"heads": 0.25, "ffn": 0.4},
+                                    {"heads_per_layer": 1}])
+def test_heads_and_ffn_equal_the_masked_dense_model(tmp_path, transformer_models, exporter, kwargs):
+    src = tmp_path / "t.onnx"
+    onnx.save(transformer_models[exporter], src)
+    report = sparsec.compile(src, output=tmp_path / "o", min_params=0, shapes=SHAPES, **kwargs)
+    pruned = onnx.load(tmp_path / "o" / "model.onnx")
+    onnx.checker.check_model(pruned, full_check=True)
+    assert report.verify["masked"]["max_abs_diff"] < 1e-5
+    assert report.verify["max_abs_diff"] > 1e-3
+    blocks = report.transformer["blocks"]
+    if "heads" in kwargs or "heads_per_layer" in kwargs:
+        assert all(b["heads_after"] >= 1 for b in blocks)
+        assert sum(b["heads_before"] - b["heads_after"] for b in blocks) > 0
+    if "heads_per_layer" in kwargs:
+        assert [b["heads_after"] for b in blocks] == [1, 1]
+    if "ffn" in kwargs:
+        assert all(b["ffn_after"] < b["ffn_before"] == 128 for b in blocks)
+    cm = report.transformer["cost_model"]
+    # 2 layers of B·L·(4E² + 2·E·F) + 2·B·L²·E with B=2, L=12, E=64, F=128
+    assert cm["after"] < cm["before"] == 2 * (2 * 12 * (4 * 64 * 64 + 2 * 64 * 128) + 2 * 2 * 144 * 64)
+    for batch, length, pad in ((1, 5, 0), (3, 9, 3)):  # other batch sizes, lengths and padding
+        f = feeds(batch, length, pad=pad)
+        assert run(str(tmp_path / "o" / "model.onnx"), f)[0].shape == (batch, length, 64)
+
+
+def test_ratio_zero_leaves_outputs_equal(tmp_path, transformer_models):
+    src = tmp_path / "t.onnx"
+    onnx.save(transformer_models["dynamo"], src)
+    report = sparsec.compile(src, output=tmp_path / "o", heads=0.0, ffn=0.0, shapes=SHAPES, min_params=0)
+    assert report.verify["max_abs_diff"] == 0.0
+    assert all(b["heads_after"] == 4 and b["ffn_after"] == 128 for b in report.transformer["blocks"])
+
+
+def test_calibrated_head_scores(tmp_path, transformer_models):
+    src = tmp_path / "t.onnx"
+    onnx.save(transformer_models["torchscript"], src)
+    report = sparsec.compile(src, output=tmp_path / "o", heads=0.5, calib_random=8,
+                             calib_range={"input_ids": (0, 100)}, shapes=SHAPES, min_params=0)
+    assert report.transformer["head_scores"] == "calibration"
+    assert report.verify["masked"]["max_abs_diff"] < 1e-5
+
+
+def test_choose_heads_keeps_one_per_layer_and_ranks_globally():
+    scores = {"a": np.array([1.0, 2.0, 3.0, 4.0]), "b": np.array([10.0, 1.0, 1.0, 1.0])}
+    removed = choose_heads(scores, 0.75, None)
+    assert all(len(v) < 4 for v in removed.values())
+    assert sum(len(v) for v in removed.values()) == 6
+    assert 0 not in removed["b"]  # b's strongest head is far above its layer mean
+
+
+def test_unmatched_softmax_is_reported_and_left_alone(tmp_path):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], name="lonely")], "g", [x], [y])
+    src = tmp_path / "s.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    info = sparsec.inspect(src)
+    assert info.unexplained_softmax and info.unexplained_softmax[0]["node"] == "lonely"
+    with pytest.raises(sparsec.SparsecError, match="no attention block"):
+        sparsec.compile(src, output=tmp_path / "o", heads=0.5)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cost_model_formula():
+    class B:
+        name, heads, head_dim = "b", 4, 16
+
+    assert cost_model([B()], {}, 2, 10, 64) == 12 * 2 * 10 * 64 * 64 + 2 * 2 * 100 * 64
+    assert cost_model([B()], {"b": 128}, 2, 10, 64, {"b": (0, 1)}) == (
+        2 * 10 * (4 * 64 * 32 + 2 * 64 * 128) + 2 * 2 * 100 * 32)
