@@ -32,7 +32,7 @@ def filter_scores(model: onnx.ModelProto, store: TensorStore, analysis: ChannelA
                   ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Per source, one importance per output channel, normalised to mean 1 within the source."""
     index = GraphIndex(model.graph)
-    bn_scale = _bn_scales(model, store, analysis, index)
+    bn_scale, bn_gain = _bn_scales(model, store, analysis, index)
     scores, notes = {}, {}
     for s in analysis.sources:
         if s.op == "fixed":
@@ -50,6 +50,8 @@ def filter_scores(model: onnx.ModelProto, store: TensorStore, analysis: ChannelA
             w = _weight(model, store, index, s)
             moved = np.moveaxis(w.astype(np.float64), _out_axis(model, s), 0).reshape(s.channels, -1)
             raw = np.sqrt((moved**2).mean(1)) if method == "l2" else np.abs(moved).mean(1)
+            if s.name in bn_gain:  # score the filter as it acts after BatchNorm (γ/σ folded in)
+                raw = raw * bn_gain[s.name]
         mean = float(np.mean(raw))
         scores[s.name] = raw / mean if mean > 0 else np.ones(s.channels)
     return scores, notes
@@ -127,9 +129,10 @@ def _out_axis(model, s: Source) -> int:
     return 0
 
 
-def _bn_scales(model, store, analysis: ChannelAnalysis, index: GraphIndex) -> dict[str, np.ndarray]:
-    """|γ| of the BatchNormalization that directly follows each source (network slimming)."""
-    out = {}
+def _bn_scales(model, store, analysis: ChannelAnalysis, index: GraphIndex):
+    """Per source with a BatchNormalization right after it: |γ| (network slimming) and |γ|/σ,
+    the factor folding would multiply its filters by."""
+    out, gain = {}, {}
     for s in analysis.sources:
         produced = model.graph.node[s.node].output[0]
         for consumer in index.consumers.get(produced, []):
@@ -138,4 +141,13 @@ def _bn_scales(model, store, analysis: ChannelAnalysis, index: GraphIndex) -> di
                     if consumer.input[1] in index.initializers else None
                 if gamma is not None:
                     out[s.name] = np.abs(gamma.astype(np.float64))
-    return out
+                    var = _const_of(store, index, consumer.input[4])
+                    eps = next((a.f for a in consumer.attribute if a.name == "epsilon"), 1e-5)
+                    if var is not None:
+                        gain[s.name] = out[s.name] / np.sqrt(var.astype(np.float64) + eps)
+    return out, gain
+
+
+def _const_of(store, index: GraphIndex, name: str):
+    tensor = index.initializers.get(name)
+    return None if tensor is None else store.read(tensor)
