@@ -34,16 +34,17 @@ MB, TIME_TARGET, RSS_TARGET = 1e6, 1.15, 1.2
 KINDS = {"plain": "(a) plain onnxruntime inference", "wanda": "(b) sparsec Wanda calibration (diagonal)",
          "sparsegpt": "(c) sparsec SparseGPT calibration (Gram, all layers)",
          "minmax": "(d) onnxruntime.quantization MinMax calibrator"}
-WHATIF = {"wanda+fix": "(b') what-if: (b), PRIORITY_BASED order + value_info",
-          "sparsegpt+fix": "(c') what-if: (c), PRIORITY_BASED order + value_info"}
+WHATIF = {"plain@basic": "(a') plain inference at ORT_ENABLE_BASIC, sparsec's level",
+          "wanda+order": "(b') what-if: (b), reducers of later layers listed first",
+          "sparsegpt+order": "(c') what-if: (c), reducers of later layers listed first"}
 NOTE = """\
 - (c) adds a [rows, K]ᵀ·[rows, K] Gram MatMul per layer input: K·K multiply-adds per row against the
   layer's K·N (4x the layer for the 1536-wide FFN output), so it cannot meet 1.15x; shown anyway.
-- What-if rows (--profile) run sparsec's unchanged collect_stats with two changes patched into the child
-  process only: SessionOptions.execution_order = PRIORITY_BASED (onnxruntime's DEFAULT order runs all the
-  appended reducers last, so every instrumented activation stays alive to the end of the batch) and the
-  model's value_info copied into the instrumented graph (without it onnxruntime lacks the shapes it needs
-  to fuse SkipLayerNormalization)."""
+- What-if rows (--profile): (a') is (a) at sparsec's graph optimization level. (b') and (c') run sparsec's
+  unchanged collect_stats with one change patched into the child process only: the instrumented graph lists
+  the reducers of later layers first. onnxruntime's default execution order is a reverse DFS from the
+  graph's leaves, last leaf first; with the reducers appended in layer order the first DFS walks the whole
+  network, so every reducer runs at the end and every instrumented activation stays alive until then."""
 
 
 def _rss_mb() -> float:
@@ -60,55 +61,70 @@ def _batches(npz: str, batch: int) -> list[dict]:
 
 
 def _patch_sparsec() -> None:
-    """What-if, in this process only: PRIORITY_BASED order and value_info in sparsec's calibration session."""
-    import onnxruntime as ort
+    """What-if, in this process only: the reducers of later layers first in the instrumented node list.
+
+    onnxruntime's default order is a reverse DFS from the graph's leaves, last leaf first: with the reducers
+    appended in layer order, the first DFS walks the whole network and every reducer runs at the end."""
+    import onnx
     import sparsec.runtime.calibrate as calibrate
-    import sparsec.runtime.session as session
-
-    class Ort:
-        def __getattr__(self, name: str):
-            return getattr(ort, name)
-
-        @staticmethod
-        def SessionOptions():  # noqa: N802
-            opts = ort.SessionOptions()
-            opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-            return opts
+    from sparsec.runtime.instrument import PREFIX
 
     def instrumented(model, *rest, build=calibrate.instrumented_graph):
         graph = build(model, *rest)
-        names = {t for n in graph.graph.node for t in (*n.input, *n.output)}
-        graph.graph.value_info.extend(v for v in model.graph.value_info if v.name in names)
+        nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in graph.graph.node]
+        stat = [n for n in nodes if n.name.startswith(PREFIX)]
+        stat.sort(key=lambda n: -int(n.name.split("/")[1]))  # stable: each statistic's chain keeps its order
+        del graph.graph.node[:]
+        graph.graph.node.extend([n for n in nodes if not n.name.startswith(PREFIX)] + stat)
         return graph
 
-    session.ort, calibrate.instrumented_graph = Ort(), instrumented
+    calibrate.instrumented_graph = instrumented
 
 
-def worker(kind: str, npz: str, batch: int, minmax_ops: str) -> dict:
+def worker(kind: str, npz: str, batch: int, minmax_ops: str, threads: int) -> dict:
     """One measurement in this (fresh) process."""
     import onnxruntime as ort
 
+    if threads:  # every session of every kind (plain, sparsec's, the calibrator's): N intra-op threads
+        class Pinned(ort.InferenceSession):
+            def __init__(self, model, sess_options=None, *a, **k) -> None:
+                sess_options = sess_options or ort.SessionOptions()
+                sess_options.intra_op_num_threads = threads
+                super().__init__(model, sess_options, *a, **k)
+        ort.InferenceSession = Pinned
+
     if kind == "minmax":
         from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
-    elif kind != "plain":
+    elif not kind.startswith("plain"):
+        import sparsec.runtime.calibrate as calibrate
         from sparsec.runtime.calib_data import input_specs, open_calibration
         from sparsec.runtime.calibrate import CalibrationSettings, collect_stats
 
         from sparsec.graph import load_model
         from sparsec.layers import find_layers
         from sparsec.macs import fixed_input_shapes
-        if kind.endswith("+fix"):
+
+        if kind.endswith("+order"):
             _patch_sparsec()
+
+        def opened(*a, make=calibrate.session_with_values):  # which options sparsec's session got
+            o = (sess := make(*a)).get_session_options()
+            out["options"] = (f"{o.graph_optimization_level.name}, {o.execution_order.name} order, "
+                              f"intra_op_num_threads={o.intra_op_num_threads} (0 = default)")
+            return sess
+        calibrate.session_with_values = opened
     out: dict = {"after_imports_mb": _rss_mb(), "phases": {}}
     if kind == "profile":
         _timers(out["phases"])
     start, cpu = time.perf_counter(), time.process_time()
-    if kind in ("plain", "minmax"):
+    if kind.startswith("plain") or kind == "minmax":
         batches = _batches(npz, batch)
         out["samples"] = sum(len(b["input_ids"]) for b in batches)
-    if kind == "plain":
+    if kind.startswith("plain"):
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if kind == "plain@basic":
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         sess = ort.InferenceSession(str(MODEL), opts, providers=["CPUExecutionProvider"])
         out["phases"]["InferenceSession creation"] = time.perf_counter() - start
         for feeds in batches:
@@ -164,8 +180,9 @@ def _timers(laps: dict) -> None:
 
 def _child(kind: str, args: argparse.Namespace, npz: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--npz", str(npz), "--batch", str(args.batch),
-           "--minmax-ops", args.minmax_ops]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+           "--minmax-ops", args.minmax_ops, "--threads", str(args.threads)]
+    env = os.environ | ({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.exit(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -200,6 +217,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--minmax-ops", default="MatMul", help="op types for MinMax (comma list) or 'all'")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads for every session (0: default)")
     ap.add_argument("--quick", action="store_true", help="64 sequences, 1 repeat")
     ap.add_argument("--profile", action="store_true", help="phases of (b) and what-if rows")
     ap.add_argument("--record", action="store_true", help="append a section to bench/RESULTS.md")
@@ -207,7 +225,7 @@ def main() -> None:
     ap.add_argument("--npz", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.npz, args.batch, args.minmax_ops)))
+        print(json.dumps(worker(args.worker, args.npz, args.batch, args.minmax_ops, args.threads)))
         return
     if args.quick:
         args.samples, args.repeat = 64, 1
@@ -236,7 +254,7 @@ def main() -> None:
     verdict = lambda v, t: "PASS" if v <= t else "FAIL"  # noqa: E731
     tables.append(_table(["kind", "target", "value", "threshold", "result"], [
         [names[k], what, ratio[k][i], f"<= {t}", verdict(ratio[k][i], t)] for k in best
-        if k not in ("plain", "minmax") for i, what, t in ((0, "time / plain", TIME_TARGET),
+        if k not in ("plain", "minmax", "plain@basic") for i, what, t in ((0, "time / plain", TIME_TARGET),
                                                           (1, "peak RSS / plain", RSS_TARGET))]))
     spread = "; ".join(f"{k} {min(x['wall_s'] for x in v):.2f}–{max(x['wall_s'] for x in v):.2f} s"
                        for k, v in runs.items())
@@ -248,12 +266,13 @@ def main() -> None:
         tables.append(f"Where (b)'s time goes (one more wanda run, timers around sparsec's steps; wall "
                       f"{prof['wall_s']:.2f} s), against the best (a) run:\n\n"
                       + _table(["step", "s", "share"], rows))
-    print("\n\n".join(tables) + f"\n\nspread of wall times: {spread}")
+    print("\n\n".join(tables), f"spread of wall times: {spread}", f"sparsec: {best['wanda']['options']}",
+          sep="\n\n")
     if args.record:
-        _record(args, names, ratio, tables, spread, load)
+        _record(args, names, best, ratio, tables, spread, load)
 
 
-def _record(args, names, ratio, tables, spread, load) -> None:
+def _record(args, names, best, ratio, tables, spread, load) -> None:
     import onnxruntime as ort
     import psutil
 
@@ -269,9 +288,11 @@ def _record(args, names, ratio, tables, spread, load) -> None:
         f"onnxruntime {ort.__version__}; load average at start {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}",
         f"- Data: {args.samples} docstring sentences (bench/corpus.py, seed 0), each padded to "
         f"{args.seq_len} tokens (attention_mask marks the padding), batch {args.batch}, one .npz for all",
-        "- Threads: onnxruntime's defaults in every kind (sparsec's session_with_values sets no thread "
-        "count; no *_NUM_THREADS set). Graph optimizations: default (ENABLE_ALL) for plain and sparsec; "
-        f"the MinMax calibrator (op types {args.minmax_ops}) sets ORT_DISABLE_ALL on its own session.",
+        ("- Threads: onnxruntime's defaults in every kind (sparsec's session_with_values sets no thread "
+         "count; no *_NUM_THREADS set)." if not args.threads else f"- Threads: intra_op_num_threads="
+         f"{args.threads} forced on every session of every kind, OMP_NUM_THREADS={args.threads}.")
+        + f" sparsec's calibration session: {best['wanda']['options']}; plain: "
+        f"ORT_ENABLE_ALL (default); the MinMax calibrator (op types {args.minmax_ops}) sets ORT_DISABLE_ALL.",
         f"- Fresh subprocess per run, {args.repeat} repeats interleaved; best wall time, max peak RSS "
         "(ru_maxrss, imports included). Times cover model load, session creation, data and all batches; "
         f"CPU s = process time of all threads. Spread of wall times: {spread}.\n",

@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 
 CHUNK = 1 << 15
-TILE = 256
+STRIP = 64
 UINT = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 DTYPES: dict[str, np.dtype] = {
     name: np.dtype(t)
@@ -40,6 +40,8 @@ def raw_bits(array: np.ndarray) -> np.ndarray:
     name = np.dtype(array.dtype).name
     if name not in DTYPES:
         raise ValueError(f"unsupported dtype {name!r} (supported: {', '.join(DTYPES)})")
+    if not array.dtype.isnative:  # e.g. '>f4': the bits must be those of the value, not the bytes
+        array = array.astype(array.dtype.newbyteorder("="))
     a = array if array.flags.c_contiguous else array.copy(order="C")  # keeps 0-d arrays 0-d
     return a.view(f"=u{a.itemsize}").astype(UINT[a.itemsize], copy=False)
 
@@ -118,16 +120,16 @@ def scatter(out: np.ndarray, idx: np.ndarray, values: np.ndarray) -> None:
 
 
 def swap_last(a: np.ndarray) -> np.ndarray:
-    """[A, K, B] -> C-contiguous [A, B, K]; big planes go through cache-sized tiles, since numpy's
-    strided copy of a large transpose is about 3x slower than tiled copies."""
+    """[A, K, B] -> C-contiguous [A, B, K]. Large planes are copied in strips of STRIP rows of K:
+    each strip's reads are contiguous and its writes are STRIP-element runs, which is about 4x
+    faster than numpy's strided copy of a large transpose."""
     rows, k, b = a.shape
-    if k < TILE or b < TILE:
+    if k < STRIP or b < STRIP:
         return np.ascontiguousarray(a.transpose(0, 2, 1))
     out = np.empty((rows, b, k), a.dtype)
     for i in range(rows):
-        for k0 in range(0, k, TILE):
-            for b0 in range(0, b, TILE):
-                out[i, b0:b0 + TILE, k0:k0 + TILE] = a[i, k0:k0 + TILE, b0:b0 + TILE].T
+        for k0 in range(0, k, STRIP):
+            out[i, :, k0:k0 + STRIP] = a[i, k0:k0 + STRIP].T
     return out
 
 

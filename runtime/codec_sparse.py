@@ -1,8 +1,8 @@
 """Unstructured sparse encodings: bitmap, run-length, COO, CSR and CSC (layouts in docs/FORMAT.md).
 
-Each format has a closed-form ``*_size`` (so ``auto`` can compare candidates without encoding),
-an encoder returning the payload sections and the manifest parameters, and a decoder that checks
-the payload against those parameters before trusting any index in it. Every payload starts with
+Each format's exact size has a closed form (``sparse_size``, so ``auto`` compares candidates
+without encoding); the encoder returns the payload sections and the manifest parameters, and the
+decoder checks the payload against those parameters before trusting any index in it. Every payload starts with
 its value section so values are 64-byte aligned in the container; index sections follow.
 """
 
@@ -123,7 +123,8 @@ def param_int(params: dict, key: str, lo: int = 0, hi: int | None = None) -> int
     """A manifest parameter as a checked int, so a corrupt manifest cannot index out of range."""
     v = params.get(key)
     if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
-        raise ValueError(f"parameter {key!r} is {v!r}, expected an integer in {lo}..{hi if hi else 'inf'}")
+        upper = "" if hi is None else hi
+        raise ValueError(f"parameter {key!r} is {v!r}, expected an integer in {lo}..{upper}")
     return v
 
 

@@ -50,6 +50,8 @@ def compile(  # noqa: A001 - the natural name for a compiler's entry point
     heads: float | None = None,
     heads_per_layer: int | None = None,
     ffn: float | None = None,
+    tokens: float | None = None,
+    tokens_from: int = 1,
 ) -> Report:
     """Prune an ONNX model and write OUTDIR/model.onnx and OUTDIR/report.json.
 
@@ -71,7 +73,7 @@ def compile(  # noqa: A001 - the natural name for a compiler's entry point
         sequential=sequential, damp=damp, block_size=block_size, owl=owl, owl_lambda=owl_lambda,
         owl_m=owl_m, channels=channels, channels_per_layer_max=channels_per_layer_max,
         channel_score=channel_score, round_to=round_to, fold_bn=fold_bn, recover=recover,
-        heads=heads, heads_per_layer=heads_per_layer, ffn=ffn,
+        heads=heads, heads_per_layer=heads_per_layer, ffn=ffn, tokens=tokens, tokens_from=tokens_from,
     )
     return compile_model(model, options, output)
 

@@ -115,6 +115,10 @@ def cli(verbose: bool) -> None:
               help="Remove this fraction of attention heads (global ranking, one kept per layer).")
 @click.option("--heads-per-layer", type=int, metavar="N", help="Keep exactly N heads in every layer.")
 @click.option("--ffn", type=float, metavar="R", help="Remove this fraction of FFN neurons.")
+@click.option("--tokens", type=float, metavar="KEEP",
+              help="Token pruning: later layers keep the top ceil(KEEP*L) tokens plus the first.")
+@click.option("--tokens-from", type=int, default=1, show_default=True, metavar="LAYER",
+              help="Score tokens with this layer's attention (1-based); the layers after it run pruned.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison with the dense model.")
 @click.option("--force", is_flag=True, help="Overwrite the output directory.")
@@ -129,7 +133,7 @@ def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: floa
                 block_size: int, owl: bool, owl_lambda: float, owl_m: float, channels: float | None,
                 channels_per_layer_max: float, channel_score: str, round_to: int, fold_bn: bool | None,
                 recover: bool, heads: float | None, heads_per_layer: int | None, ffn: float | None,
-                quiet: bool,
+                tokens: float | None, tokens_from: int, quiet: bool,
                 no_verify: bool, force: bool, as_json: bool, seed: int) -> None:
     """Prune MODEL and write OUTDIR/model.onnx and OUTDIR/report.json.
 
@@ -141,6 +145,7 @@ def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: floa
       sparsec compile bert.onnx --nm 2:4 --method sparsegpt --calib calib.npz -o out/
       sparsec compile resnet.onnx --channels 0.3 --round-to 8 --channel-score bn -o out/
       sparsec compile bert.onnx --heads 0.25 --ffn 0.25 --calib calib.npz -o out/
+      sparsec compile bert.onnx --tokens 0.7 --tokens-from 2 -o out/
       sparsec compile bert.onnx --sparsity 0.6 --method wanda --owl --calib-random 64 \
           --shape input_ids=1,128 --shape attention_mask=1,128 --calib-range input_ids=0,30522
     """
@@ -157,7 +162,7 @@ def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: floa
         sequential=sequential, damp=damp, block_size=block_size, owl=owl, owl_lambda=owl_lambda,
         owl_m=owl_m, channels=channels, channels_per_layer_max=channels_per_layer_max,
         channel_score=channel_score, round_to=round_to, fold_bn=fold_bn, recover=recover,
-        heads=heads, heads_per_layer=heads_per_layer, ffn=ffn,
+        heads=heads, heads_per_layer=heads_per_layer, ffn=ffn, tokens=tokens, tokens_from=tokens_from,
     )
     click.echo(report.to_json() if as_json else summary_table(report))
 

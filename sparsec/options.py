@@ -95,10 +95,13 @@ class CompileOptions:
     heads: float | None = None
     heads_per_layer: int | None = None
     ffn: float | None = None
+    tokens: float | None = None
+    tokens_from: int = 1
 
     @property
     def transformer(self) -> bool:
-        return self.heads is not None or self.heads_per_layer is not None or self.ffn is not None
+        return (self.heads is not None or self.heads_per_layer is not None or self.ffn is not None
+                or self.tokens is not None)
 
     @property
     def structured(self) -> bool:
@@ -142,6 +145,10 @@ class CompileOptions:
         for flag, value in (("--heads", self.heads), ("--ffn", self.ffn)):
             if value is not None and not 0.0 <= value < 1.0:
                 raise SparsecError(f"{flag} {value} is out of range", "use 0 <= R < 1")
+        if self.tokens is not None and not 0.0 < self.tokens <= 1.0:
+            raise SparsecError(f"--tokens {self.tokens} is out of range", "use 0 < KEEP <= 1, e.g. 0.7")
+        if self.tokens_from < 1:
+            raise SparsecError(f"--tokens-from {self.tokens_from} must be at least 1")
         if self.heads_per_layer is not None and self.heads_per_layer < 1:
             raise SparsecError(f"--heads-per-layer {self.heads_per_layer} must be at least 1")
         if self.heads is not None and self.heads_per_layer is not None:
@@ -242,4 +249,6 @@ class CompileOptions:
             "heads": self.heads,
             "heads_per_layer": self.heads_per_layer,
             "ffn": self.ffn,
+            "tokens": self.tokens,
+            "tokens_from": self.tokens_from,
         }

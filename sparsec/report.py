@@ -100,7 +100,9 @@ def summary_table(report: Report) -> str:
     if report.transformer:
         for b in report.transformer["blocks"]:
             ffn = f", FFN {b['ffn_before']} -> {b['ffn_after']}" if b["ffn_before"] else ""
-            lines.append(f"{b['block']}: heads {b['heads_before']} -> {b['heads_after']}{ffn}")
+            tok = (f", tokens {b['tokens_before']} -> {b['tokens_after']}"
+                   if b.get("tokens_after") != b.get("tokens_before") else "")
+            lines.append(f"{b['block']}: heads {b['heads_before']} -> {b['heads_after']}{ffn}{tok}")
         cm = report.transformer["cost_model"]
         lines.append(f"transformer cost model (B={cm['batch']}, L={cm['seq']}, E={cm['hidden']}): "
                      f"{_count(cm['before'])} -> {_count(cm['after'])}")

@@ -19,6 +19,7 @@ FFN_OPS = ("MatMul", "Gemm")
 class TransformerPlan:
     heads: HeadPlan | None
     ffn: StructuredPlan | None
+    tokens: tuple[float, int] | None = None  # (keep, after layer)
 
     def passes(self) -> list:
         from sparsec.passes.prune_channels import PruneChannelsPass
@@ -30,10 +31,17 @@ class TransformerPlan:
                                          self.ffn.compensation.constants, name="prune-ffn"))
         if self.heads is not None:
             out.append(PruneHeadsPass(self.heads.removed))
+        if self.tokens is not None:  # last: it re-finds attention in the graph as it is then
+            from sparsec.passes.prune_tokens import PruneTokensPass
+
+            out.append(PruneTokensPass(*self.tokens))
         return out
 
-    def masked(self, model: onnx.ModelProto, store: TensorStore) -> onnx.ModelProto:
-        """The oracle: removed neurons' filters and removed heads' output rows set to zero."""
+    def masked(self, model: onnx.ModelProto, store: TensorStore) -> onnx.ModelProto | None:
+        """The oracle: removed neurons' filters and removed heads' output rows set to zero.
+        Token pruning changes what every later layer sees: there is no masked twin then."""
+        if self.tokens is not None:
+            return None
         masked = onnx.ModelProto()
         masked.CopyFrom(self.ffn.compensation.masked if self.ffn else inline_copy(model, store))
         if self.heads is not None:
@@ -50,7 +58,17 @@ def plan_transformer(model: onnx.ModelProto, store: TensorStore, options: Compil
     if options.ffn is not None:
         ffn = plan_structured(model, store, options, fixed, settings, ratio=options.ffn, ops=FFN_OPS,
                               score="act" if settings is not None else "l1")
-    return TransformerPlan(heads, ffn)
+    tokens = (options.tokens, options.tokens_from) if options.tokens is not None else None
+    if tokens is not None:
+        from sparsec.attention import find_attention
+
+        count = len(find_attention(model).blocks)
+        if not 1 <= options.tokens_from < count:
+            from sparsec.errors import SparsecError
+
+            raise SparsecError(f"--tokens-from {options.tokens_from}: the model has {count} attention "
+                               "layers; choose one before the last", "e.g. --tokens-from 2")
+    return TransformerPlan(heads, ffn, tokens)
 
 
 def transformer_section(plan: TransformerPlan, model: onnx.ModelProto, fixed: dict) -> dict:
@@ -70,9 +88,14 @@ def transformer_section(plan: TransformerPlan, model: onnx.ModelProto, fixed: di
     batch, seq = (first[0], first[1]) if len(first) >= 2 else (1, 1)
     ffn_before = {n: s.channels for n, s in by_block.items()}
     ffn_after = {n: kept.get(s.name, s.channels) for n, s in by_block.items()}
+    ordered = sorted(blocks, key=lambda b: b.softmax)
+    short = -(-int(plan.tokens[0] * seq * 1_000_000) // 1_000_000) if plan.tokens else seq
+    tokens_after = {b.name: (max(short, 1) if plan.tokens and k >= plan.tokens[1] else seq)
+                    for k, b in enumerate(ordered)}
     rows = [{"block": b.name, "heads_before": b.heads, "heads_after": b.heads - len(removed.get(b.name, ())),
-             "head_dim": b.head_dim, "ffn_before": ffn_before.get(b.name), "ffn_after": ffn_after.get(b.name)}
-            for b in blocks]
+             "head_dim": b.head_dim, "ffn_before": ffn_before.get(b.name), "ffn_after": ffn_after.get(b.name),
+             "tokens_before": seq, "tokens_after": tokens_after[b.name]}
+            for b in ordered]
     return {
         "blocks": rows,
         "head_scores": plan.heads.basis if plan.heads else None,
@@ -82,7 +105,7 @@ def transformer_section(plan: TransformerPlan, model: onnx.ModelProto, fixed: di
                                   "(12*B*L*E^2 + 2*B*L^2*E when dense, F = 4E)",
                        "batch": batch, "seq": seq, "hidden": hidden,
                        "before": cost_model(blocks, ffn_before, batch, seq, hidden),
-                       "after": cost_model(blocks, ffn_after, batch, seq, hidden, removed)},
+                       "after": cost_model(blocks, ffn_after, batch, tokens_after, hidden, removed)},
     }
 
 

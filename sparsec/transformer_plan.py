@@ -99,11 +99,14 @@ def masked_heads(model: onnx.ModelProto, blocks: tuple[AttentionBlock, ...],
         inits[b.o.weight].CopyFrom(onnx.numpy_helper.from_array(w, b.o.weight))
 
 
-def cost_model(blocks, ffn_width: dict[str, int], batch: int, seq: int, hidden: int,
+def cost_model(blocks, ffn_width: dict[str, int], batch: int, seq: int | dict[str, int], hidden: int,
                removed: dict[str, tuple[int, ...]] | None = None) -> int:
-    """Σ over layers of B·L·(4·E·E_attn + 2·E·F) + 2·B·L²·E_attn (12BLE² + 2BL²E when dense)."""
+    """Σ over layers of B·L·(4·E·E_attn + 2·E·F) + 2·B·L²·E_attn (12BLE² + 2BL²E when dense);
+    `seq` may give each layer its own token count (token pruning)."""
     total = 0
+    lengths = seq
     for b in blocks:
+        seq = lengths[b.name] if isinstance(lengths, dict) else lengths
         heads = b.heads - len((removed or {}).get(b.name, ()))
         width = heads * b.head_dim
         ffn = ffn_width.get(b.name, 4 * hidden)

@@ -315,3 +315,12 @@ def test_nm_round_trips_on_large_tensors(n, m, axis):
     sizes = codec.candidate_sizes(a, nm=(n, m, axis))
     for fmt in codec.FORMATS:
         check_round_trip(a, fmt, sizes, **({"n": n, "m": m, "axis": axis} if fmt.startswith("nm") else {}))
+
+
+def test_non_contiguous_and_big_endian_inputs_encode_their_values():
+    a = np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::2]
+    big = np.array([[1.5, 0.0, -0.0, np.nan]], dtype=">f4")
+    for src in (a, big):
+        want = np.ascontiguousarray(src, dtype=src.dtype.newbyteorder("="))
+        for fmt in UNSTRUCTURED:
+            assert_bit_exact(codec.decode(codec.encode(src, fmt)), want)

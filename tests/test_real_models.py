@@ -78,3 +78,20 @@ def test_digits_cnn_trains_and_keeps_stem_dense(tmp_path: Path) -> None:
     assert "divisible" in stem[0].skipped_reason
     assert sum(e.skipped_reason is None for e in report.layers) == len(report.layers) - 1
     assert accuracy(tmp_path / "out" / "model.onnx", data.x_test, data.y_test) >= 0.8
+
+
+def test_minilm_heads_ffn_tokens(minilm: Path, tok, tmp_path: Path) -> None:
+    """Real BERT: 6 blocks of 12 heads found; heads and FFN match the masked oracle; tokens run."""
+    info = sparsec.inspect(minilm)
+    assert [(a["heads"], a["head_dim"]) for a in info.attention] == [(12, 32)] * 6
+    shapes = {"input_ids": (2, 24), "attention_mask": (2, 24)}
+    report = sparsec.compile(minilm, output=tmp_path / "hf", heads=0.25, ffn=0.25, shapes=shapes)
+    assert report.verify["masked"]["max_abs_diff"] < 1e-4
+    assert sum(12 - b["heads_after"] for b in report.transformer["blocks"]) == 18
+    tokens = sparsec.compile(minilm, output=tmp_path / "tok", tokens=0.7, tokens_from=2, shapes=shapes)
+    assert [b["tokens_after"] for b in tokens.transformer["blocks"]] == [24, 24, 17, 17, 17, 17]
+    feeds = corpus.tokenize(corpus.docstring_sentences()[:8], tok)
+    dense = embed(minilm, feeds)
+    pruned = embed(tmp_path / "tok" / "model.onnx", feeds)
+    assert pruned.shape == dense.shape
+    assert np.sum(dense * pruned, axis=1).mean() > 0.5

@@ -105,3 +105,50 @@ def test_cost_model_formula():
     assert cost_model([B()], {}, 2, 10, 64) == 12 * 2 * 10 * 64 * 64 + 2 * 2 * 100 * 64
     assert cost_model([B()], {"b": 128}, 2, 10, 64, {"b": (0, 1)}) == (
         2 * 10 * (4 * 64 * 32 + 2 * 64 * 128) + 2 * 2 * 100 * 32)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_token_keep_one_equals_dense(tmp_path, transformer_models, exporter):
+    src = tmp_path / "t.onnx"
+    onnx.save(transformer_models[exporter], src)
+    sparsec.compile(src, output=tmp_path / "o", tokens=1.0, tokens_from=1, shapes=SHAPES)
+    for batch, length, pad in ((1, 4, 0), (3, 11, 4)):
+        f = feeds(batch, length, pad=pad)
+        np.testing.assert_allclose(run(str(tmp_path / "o" / "model.onnx"), f)[0], run(str(src), f)[0],
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_token_pruning_keeps_shapes_and_scatters_last_states(tmp_path, transformer_models, exporter):
+    from sparsec.attention import find_attention
+
+    dense = transformer_models[exporter]
+    src = tmp_path / "t.onnx"
+    onnx.save(dense, src)
+    report = sparsec.compile(src, output=tmp_path / "o", tokens=0.5, tokens_from=1, shapes=SHAPES)
+    assert [b["tokens_after"] for b in report.transformer["blocks"]] == [12, 6]
+    assert report.transformer["cost_model"]["after"] < report.transformer["cost_model"]["before"]
+    blocks = sorted(find_attention(dense).blocks, key=lambda b: b.softmax)
+    cut = dense.graph.node[blocks[1].q.matmul].input[0]  # hidden state entering layer 2
+    probe = onnx.ModelProto()
+    probe.CopyFrom(dense)
+    probe.graph.output.append(onnx.ValueInfoProto(name=cut))
+    for batch, length, pad in ((1, 6, 0), (2, 9, 3), (4, 16, 5)):
+        f = feeds(batch, length, seed=batch, pad=pad)
+        out = run(str(tmp_path / "o" / "model.onnx"), f)[0]
+        assert out.shape == (batch, length, 64)
+        hidden = run(probe, f)[1]
+        kept = int(np.ceil(0.5 * length))
+        for b in range(batch):
+            same = np.isclose(out[b], hidden[b], atol=1e-5).all(axis=1)
+            assert same.sum() == length - kept  # pruned tokens keep their state at the cut
+            assert not same[0]  # the first token is always kept and computed further
+
+
+def test_tokens_from_must_leave_a_later_layer(tmp_path, transformer_models):
+    src = tmp_path / "t.onnx"
+    onnx.save(transformer_models["dynamo"], src)
+    with pytest.raises(sparsec.SparsecError, match="--tokens-from 2"):
+        sparsec.compile(src, output=tmp_path / "o", tokens=0.5, tokens_from=2)
+    with pytest.raises(sparsec.SparsecError, match="--tokens 0.0"):
+        sparsec.compile(src, output=tmp_path / "o", tokens=0.0)

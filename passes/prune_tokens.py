@@ -1,0 +1,209 @@
+"""Token pruning inside the graph: later layers run on the tokens that receive most attention.
+
+After layer ℓ, each token's importance is the attention it receives (mean over heads and
+queries of layer ℓ's probabilities). The top ⌈KEEP·L⌉ tokens plus the first (CLS) one are
+kept in their original order (TopK, then a second TopK that sorts the indices), the hidden
+state is gathered, and every side computation the later layers read that depends on the
+sequence (the attention mask, shapes taken from it) is recomputed from the gathered inputs.
+Outputs keep their shapes: the kept tokens' final states are scattered into the hidden state
+at the cut, so a pruned token keeps the last state it had.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from sparsec.attention import find_attention
+from sparsec.errors import SparsecError
+from sparsec.pipeline import PassContext, PassResult
+
+HEAVY = ("MatMul", "Gemm", "Conv", "Softmax", "LayerNormalization")
+
+
+@dataclass
+class PruneTokensPass:
+    keep: float
+    after_layer: int  # 1-based: the layer whose attention scores the tokens
+    name: str = "prune-tokens"
+    requires: frozenset[str] = frozenset()
+
+    def run(self, ctx: PassContext) -> PassResult:
+        model = ctx.model
+        blocks = sorted(find_attention(model).blocks, key=lambda b: b.softmax)
+        if not 1 <= self.after_layer < len(blocks):
+            raise SparsecError(f"--tokens-from {self.after_layer}: the model has {len(blocks)} attention "
+                               "layers; choose a layer before the last", "e.g. --tokens-from 2")
+        nodes = list(model.graph.node)
+        probs = nodes[blocks[self.after_layer - 1].softmax].output[0]
+        cut = nodes[blocks[self.after_layer].q.matmul].input[0]
+        late = _descendants(nodes, cut)
+        seq_inputs = [i.name for i in model.graph.input if len(i.type.tensor_type.shape.dim) == 2]
+        new, idx = _selection(probs, cut, self.keep, _opset(model))
+        gathered = {x: f"{x}__tokens" for x in seq_inputs}
+        new += [helper.make_node("GatherElements", [x, idx], [g], axis=1, name=f"tokens/gather_{x}")
+                for x, g in gathered.items()]
+        renamed = _clone_side_inputs(nodes, late, cut, gathered, new)
+        renamed[cut] = "tokens/hidden"
+        for i in late:
+            for k, name in enumerate(nodes[i].input):
+                if name in renamed:
+                    nodes[i].input[k] = renamed[name]
+        outputs = _scatter_outputs(model, nodes, late, cut, idx, new)
+        del model.graph.node[:]
+        model.graph.node.extend(_topological(nodes + new))
+        del model.graph.value_info[:]
+        return PassResult(self.name, True, {"keep": self.keep, "after_layer": self.after_layer,
+                                            "outputs": outputs})
+
+
+def _opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+
+
+def _node(op: str, inputs: list[str], output: str | list[str], **attrs) -> onnx.NodeProto:
+    outputs = [output] if isinstance(output, str) else output
+    return helper.make_node(op, inputs, outputs, name=f"{outputs[0]}_node", **attrs)
+
+
+def _const(name: str, value, dtype) -> onnx.NodeProto:
+    return _node("Constant", [], name, value=numpy_helper.from_array(np.array(value, dtype=dtype), name))
+
+
+def _selection(probs: str, hidden: str, keep: float, opset: int) -> tuple[list, str]:
+    """Nodes computing the kept indices [B, k] (ascending) and the gathered hidden state."""
+    t = "tokens/"
+    if opset >= 18:
+        n = [_const(t + "axes", [1, 2], np.int64),
+             _node("ReduceMean", [probs, t + "axes"], t + "score", keepdims=0)]
+    else:
+        n = [_node("ReduceMean", [probs], t + "score", axes=[1, 2], keepdims=0)]
+    n += [
+        _const(t + "one", 1, np.int64), _const(t + "zero", 0, np.int64),
+        _const(t + "keep", keep, np.float32), _const(t + "boost", 1e9, np.float32),
+        _const(t + "axis0", [0], np.int64), _const(t + "last", [-1], np.int64),
+        _node("Shape", [hidden], t + "shape"),
+        _node("Gather", [t + "shape", t + "one"], t + "len", axis=0),
+        _node("Cast", [t + "len"], t + "len_f", to=TensorProto.FLOAT),
+        _node("Mul", [t + "len_f", t + "keep"], t + "k_f"),
+        _node("Ceil", [t + "k_f"], t + "k_c"),
+        _node("Cast", [t + "k_c"], t + "k_i", to=TensorProto.INT64),
+        _node("Max", [t + "k_i", t + "one"], t + "k_s"),
+        _node("Unsqueeze", [t + "k_s", t + "axis0"], t + "k"),
+        # the first token always stays: a large bonus at position 0
+        _node("Range", [t + "zero", t + "len", t + "one"], t + "pos"),
+        _node("Equal", [t + "pos", t + "zero"], t + "is_first"),
+        _node("Cast", [t + "is_first"], t + "first_f", to=TensorProto.FLOAT),
+        _node("Mul", [t + "first_f", t + "boost"], t + "bonus"),
+        _node("Add", [t + "score", t + "bonus"], t + "score2"),
+        _node("TopK", [t + "score2", t + "k"], [t + "top_v", t + "top_i"], axis=1, largest=1, sorted=0),
+        # keep the original order: sort the chosen positions ascending
+        _node("Cast", [t + "top_i"], t + "top_f", to=TensorProto.FLOAT),
+        _node("TopK", [t + "top_f", t + "k"], [t + "sorted_f", t + "sorted_i"], axis=1, largest=0, sorted=1),
+        _node("Cast", [t + "sorted_f"], t + "index", to=TensorProto.INT64),
+        _node("Unsqueeze", [t + "index", t + "last"], t + "index3"),
+        _node("GatherND", [hidden, t + "index3"], t + "hidden", batch_dims=1),
+    ]
+    return n, t + "index"
+
+
+def _descendants(nodes, tensor: str) -> set[int]:
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            consumers.setdefault(name, []).append(i)
+    out, stack = set(), [tensor]
+    while stack:
+        for i in consumers.get(stack.pop(), []):
+            if i not in out:
+                out.add(i)
+                stack.extend(nodes[i].output)
+    return out
+
+
+def _clone_side_inputs(nodes, late: set[int], cut: str, gathered: dict[str, str],
+                       new: list) -> dict[str, str]:
+    """Recompute, from the gathered inputs, every early tensor the late layers read that depends
+    on the sequence; refuse when such a tensor comes out of the model's heavy layers."""
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    renamed = dict(gathered)
+    memo: dict[str, bool] = {}
+
+    def depends(name: str) -> bool:
+        if name in gathered:
+            return True
+        i = producer.get(name)
+        if i is None or i in late:
+            return False
+        if name not in memo:
+            memo[name] = any(depends(x) for x in nodes[i].input if x)
+            if memo[name] and nodes[i].op_type in HEAVY:
+                raise SparsecError(f"token pruning: the later layers read {name} from "
+                                   f"{nodes[i].name} ({nodes[i].op_type}), which sparsec will not recompute")
+            if memo[name]:
+                clone = onnx.NodeProto()
+                clone.CopyFrom(nodes[i])
+                clone.name = f"{nodes[i].name}__tokens"
+                for k, x in enumerate(clone.input):
+                    if x and depends(x):
+                        clone.input[k] = renamed[x]
+                for k, x in enumerate(clone.output):
+                    renamed[x] = f"{x}__tokens"
+                    clone.output[k] = renamed[x]
+                new.append(clone)
+        return memo[name]
+
+    for i in late:
+        for name in nodes[i].input:
+            if name and name != cut:
+                depends(name)
+    return renamed
+
+
+def _scatter_outputs(model, nodes, late, cut: str, idx: str, new: list) -> list[str]:
+    """Late graph outputs of shape [B, k, E] go back to [B, L, E] over the hidden state at the cut."""
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    done = []
+    for out in model.graph.output:
+        i = producer.get(out.name)
+        if i is None or i not in late:
+            continue
+        if len(out.type.tensor_type.shape.dim) != 3:
+            raise SparsecError(f"token pruning: output {out.name} is not [batch, tokens, features]")
+        inner = f"{out.name}__kept_tokens"
+        nodes[i].output[list(nodes[i].output).index(out.name)] = inner
+        o = out.name
+        new += [
+            _node("Unsqueeze", [idx, "tokens/last"], f"{o}/idx3"),
+            _node("Shape", [inner], f"{o}/shape"),
+            _node("Expand", [f"{o}/idx3", f"{o}/shape"], f"{o}/idx"),
+            _node("ScatterElements", [cut, f"{o}/idx", inner], o, axis=1),
+        ]
+        done.append(out.name)
+    return done
+
+
+def _topological(nodes: list) -> list:
+    """Kahn's order over all nodes (new ones were appended at the end)."""
+    produced = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    deps = [{produced[x] for x in n.input if x in produced} for n in nodes]
+    users: dict[int, list[int]] = {}
+    for i, d in enumerate(deps):
+        for j in d:
+            users.setdefault(j, []).append(i)
+    waiting = [len(d) for d in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    order = []
+    while ready:
+        i = ready.pop(0)
+        order.append(nodes[i])
+        for u in users.get(i, []):
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                ready.append(u)
+    if len(order) != len(nodes):
+        raise SparsecError("token pruning produced a cycle; this is a sparsec bug, please report it")
+    return order
