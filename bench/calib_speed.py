@@ -4,9 +4,9 @@ Each run is a fresh subprocess (peak RSS = its ru_maxrss, imports included; time
 creation, data and all batches) over the same padded docstring sentences (bench/_work/calib_speed_*.npz):
 plain InferenceSession (fetch last_hidden_state); sparsec collect_stats with diagonal statistics (Wanda) and
 with Gram matrices for every layer (SparseGPT); onnxruntime.quantization's MinMax calibrator. onnxruntime's
-default threads everywhere: sparsec's session_with_values sets none. --profile adds the phases of the Wanda
-pass and what-if rows (sparsec's calibration session patched in the child only). Targets (issue): <= 1.15x
-the time and <= 1.2x the peak RSS of plain inference.
+default threads everywhere (sparsec's session_with_values sets none) unless --threads. --profile adds
+what-if rows (plain at sparsec's optimization level; sparsec's instrumented graph patched in the child only).
+Targets (issue): <= 1.15x the time and <= 1.2x the peak RSS of plain inference.
 
     python bench/calib_speed.py --quick               # 64 sequences, 1 repeat
     python bench/calib_speed.py --record --profile    # 512 sequences, 3 repeats, append to RESULTS.md
@@ -31,20 +31,21 @@ HERE = Path(__file__).resolve().parent
 WORK, RESULTS = HERE / "_work", HERE / "RESULTS.md"
 MODEL = WORK / "all-MiniLM-L6-v2.dynamo.onnx"
 MB, TIME_TARGET, RSS_TARGET = 1e6, 1.15, 1.2
+RUN = "session.run, all batches"
 KINDS = {"plain": "(a) plain onnxruntime inference", "wanda": "(b) sparsec Wanda calibration (diagonal)",
          "sparsegpt": "(c) sparsec SparseGPT calibration (Gram, all layers)",
          "minmax": "(d) onnxruntime.quantization MinMax calibrator"}
 WHATIF = {"plain@basic": "(a') plain inference at ORT_ENABLE_BASIC, sparsec's level",
           "wanda+order": "(b') what-if: (b), reducers of later layers listed first",
           "sparsegpt+order": "(c') what-if: (c), reducers of later layers listed first"}
-NOTE = """\
+NOTES = ("""\
 - (c) adds a [rows, K]ᵀ·[rows, K] Gram MatMul per layer input: K·K multiply-adds per row against the
-  layer's K·N (4x the layer for the 1536-wide FFN output), so it cannot meet 1.15x; shown anyway.
+  layer's K·N (4x the layer for the 1536-wide FFN output), so it cannot meet 1.15x; shown anyway.""", """\
 - What-if rows (--profile): (a') is (a) at sparsec's graph optimization level. (b') and (c') run sparsec's
   unchanged collect_stats with one change patched into the child process only: the instrumented graph lists
   the reducers of later layers first. onnxruntime's default execution order is a reverse DFS from the
   graph's leaves, last leaf first; with the reducers appended in layer order the first DFS walks the whole
-  network, so every reducer runs at the end and every instrumented activation stays alive until then."""
+  network, so every reducer runs at the end and every instrumented activation stays alive until then.""")
 
 
 def _rss_mb() -> float:
@@ -107,15 +108,23 @@ def worker(kind: str, npz: str, batch: int, minmax_ops: str, threads: int) -> di
         if kind.endswith("+order"):
             _patch_sparsec()
 
-        def opened(*a, make=calibrate.session_with_values):  # which options sparsec's session got
+        def opened(*a, make=calibrate.session_with_values):  # sparsec's session: its options, its times
+            start = time.perf_counter()
             o = (sess := make(*a)).get_session_options()
             out["options"] = (f"{o.graph_optimization_level.name}, {o.execution_order.name} order, "
                               f"intra_op_num_threads={o.intra_op_num_threads} (0 = default)")
+            phases["session_with_values (session creation)"] = time.perf_counter() - start
+
+            def run(*args, run=sess.run):
+                start = time.perf_counter()
+                result = run(*args)
+                phases[RUN] = phases.get(RUN, 0.0) + time.perf_counter() - start
+                return result
+            sess.run = run
             return sess
         calibrate.session_with_values = opened
-    out: dict = {"after_imports_mb": _rss_mb(), "phases": {}}
-    if kind == "profile":
-        _timers(out["phases"])
+    phases: dict[str, float] = {}
+    out: dict = {"after_imports_mb": _rss_mb(), "phases": phases}
     start, cpu = time.perf_counter(), time.process_time()
     if kind.startswith("plain") or kind == "minmax":
         batches = _batches(npz, batch)
@@ -126,10 +135,10 @@ def worker(kind: str, npz: str, batch: int, minmax_ops: str, threads: int) -> di
         if kind == "plain@basic":
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         sess = ort.InferenceSession(str(MODEL), opts, providers=["CPUExecutionProvider"])
-        out["phases"]["InferenceSession creation"] = time.perf_counter() - start
+        phases["InferenceSession creation"] = time.perf_counter() - start
         for feeds in batches:
             sess.run(["last_hidden_state"], feeds)
-        out["phases"]["session.run, all batches"] = time.perf_counter() - start - sum(out["phases"].values())
+        phases[RUN] = time.perf_counter() - start - sum(phases.values())
     elif kind == "minmax":
         it = iter(batches)
         reader = type("Reader", (CalibrationDataReader,), {"get_next": lambda self: next(it, None)})()
@@ -146,36 +155,14 @@ def worker(kind: str, npz: str, batch: int, minmax_ops: str, threads: int) -> di
         settings = CalibrationSettings(data=data, batch=batch, progress=False,  # fixed_shapes as compile
                                        fixed_shapes=fixed_input_shapes(loaded.model, {}))
         gram = {la.name for la in layers} if kind.startswith("sparsegpt") else set()
-        out["phases"]["load_model, find_layers, open_calibration"] = time.perf_counter() - start
+        phases["load_model, find_layers, open_calibration"] = time.perf_counter() - start
         stats = collect_stats(loaded.model, loaded.store, layers, settings, gram_for=gram)
-        out["phases"]["rest of collect_stats (plan_stats, batches, float64 sums)"] = stats.seconds - sum(
-            v for k, v in out["phases"].items() if not k.startswith("load"))
+        phases["rest of collect_stats (shape inference, graph, batches, float64 sums)"] = stats.seconds - sum(
+            v for k, v in phases.items() if not k.startswith("load"))
         out.update(samples=stats.samples, layers=len(stats.layers),
                    grams=sum(s.gram is not None for s in stats.layers.values()))
     return out | {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB}
-
-
-def _timers(laps: dict) -> None:
-    """Profile, in this process only: time sparsec's calibration steps (as collect_stats looks them up)."""
-    import sparsec.runtime.calibrate as calibrate
-
-    def timed(owner, name: str, label: str, after=None) -> None:
-        fn = getattr(owner, name)
-
-        def wrapper(*a, **k):
-            start = time.perf_counter()
-            result = fn(*a, **k)
-            laps[label] = laps.get(label, 0.0) + time.perf_counter() - start
-            return after(result) if after else result
-        setattr(owner, name, wrapper)
-
-    def run_timed(sess):
-        timed(sess, "run", "session.run of the instrumented graph, all batches")
-        return sess
-    timed(calibrate, "infer_types", "infer_types (ONNX shape inference)")
-    timed(calibrate, "instrumented_graph", "instrumented_graph")
-    timed(calibrate, "session_with_values", "session_with_values (session creation)", run_timed)
 
 
 def _child(kind: str, args: argparse.Namespace, npz: Path) -> dict:
@@ -219,7 +206,7 @@ def main() -> None:
     ap.add_argument("--minmax-ops", default="MatMul", help="op types for MinMax (comma list) or 'all'")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads for every session (0: default)")
     ap.add_argument("--quick", action="store_true", help="64 sequences, 1 repeat")
-    ap.add_argument("--profile", action="store_true", help="phases of (b) and what-if rows")
+    ap.add_argument("--profile", action="store_true", help="add the what-if rows")
     ap.add_argument("--record", action="store_true", help="append a section to bench/RESULTS.md")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--npz", help=argparse.SUPPRESS)
@@ -258,14 +245,11 @@ def main() -> None:
                                                           (1, "peak RSS / plain", RSS_TARGET))]))
     spread = "; ".join(f"{k} {min(x['wall_s'] for x in v):.2f}–{max(x['wall_s'] for x in v):.2f} s"
                        for k, v in runs.items())
-    if args.profile:
-        prof = _child("profile", args, npz)
-        rows = [[k, v, f"{100 * v / prof['wall_s']:.0f} %"] for k, v in prof["phases"].items()]
-        rows += [[f"(a) {k}", v, f"{100 * v / base['wall_s']:.0f} % of (a)"]
-                 for k, v in base["phases"].items()]
-        tables.append(f"Where (b)'s time goes (one more wanda run, timers around sparsec's steps; wall "
-                      f"{prof['wall_s']:.2f} s), against the best (a) run:\n\n"
-                      + _table(["step", "s", "share"], rows))
+    tables.append("Where the time goes (timers around the sessions' creation and run, in each kind's best "
+                  "run; share of its wall time):\n\n" + _table(["kind", "step", "s", "share"], [
+                      [names[k][:4], step, v, f"{100 * v / best[k]['wall_s']:.0f} %"]
+                      for k in ("plain", "plain@basic", "wanda", "wanda+order", "sparsegpt") if k in best
+                      for step, v in best[k]["phases"].items()]))
     print("\n\n".join(tables), f"spread of wall times: {spread}", f"sparsec: {best['wanda']['options']}",
           sep="\n\n")
     if args.record:
@@ -297,8 +281,10 @@ def _record(args, names, best, ratio, tables, spread, load) -> None:
         "(ru_maxrss, imports included). Times cover model load, session creation, data and all batches; "
         f"CPU s = process time of all threads. Spread of wall times: {spread}.\n",
         *[t + "\n" for t in tables], "Reading (generated from the numbers above):\n",
-        *[f"- {names[k]}: {t:.2f}x the wall time and {m:.2f}x the peak RSS of plain inference."
-          for k, (t, m) in ratio.items() if k != "plain"], NOTE, ""])
+        *[f"- {names[k]}: {t:.2f}x the wall time, {best[k]['cpu_s'] / best['plain']['cpu_s']:.2f}x the CPU "
+          f"time and {m:.2f}x the peak RSS of plain inference."
+          for k, (t, m) in ratio.items() if k != "plain"],
+        *NOTES[:1 + args.profile], ""])
     with open(RESULTS, "a") as f:
         f.write(text)
     print(f"appended to {RESULTS}")

@@ -52,6 +52,9 @@ def compile(  # noqa: A001 - the natural name for a compiler's entry point
     ffn: float | None = None,
     tokens: float | None = None,
     tokens_from: int = 1,
+    encode: str = "auto",
+    rle_bits: int = 4,
+    sparse_initializers: bool = False,
 ) -> Report:
     """Prune an ONNX model and write OUTDIR/model.onnx and OUTDIR/report.json.
 
@@ -74,8 +77,21 @@ def compile(  # noqa: A001 - the natural name for a compiler's entry point
         owl_m=owl_m, channels=channels, channels_per_layer_max=channels_per_layer_max,
         channel_score=channel_score, round_to=round_to, fold_bn=fold_bn, recover=recover,
         heads=heads, heads_per_layer=heads_per_layer, ffn=ffn, tokens=tokens, tokens_from=tokens_from,
+        encode=encode, rle_bits=rle_bits, sparse_initializers=sparse_initializers,
     )
     return compile_model(model, options, output)
+
+
+def decode(outdir: str | Path, output: str | Path) -> Path:
+    """Rebuild OUTDIR/model.onnx from OUTDIR/skeleton.onnx and OUTDIR/weights.sparsec."""
+    from sparsec.encoding import restore
+
+    model = restore(outdir)
+    out = Path(output)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(model.SerializeToString())
+    tmp.replace(out)
+    return out
 
 
 def inspect(model: str | Path, *, shapes: dict[str, tuple[int, ...]] | None = None) -> InspectReport:

@@ -109,10 +109,10 @@ def gemm(state: State, i: int, node: onnx.NodeProto) -> None:
 def matmul(state: State, i: int, node: onnx.NodeProto) -> None:
     w = _own_weight(state, node.input[1])
     x = state.layouts.get(node.input[0])
-    if w is None or w.ndim != 2:
+    rank = state.rank(node.input[0]) or state.rank(node.output[0])
+    if w is None or w.ndim != 2 or rank is None:
         unknown_op(state, i, node)
         return
-    rank = state.rank(node.input[0]) or 2
     if x is not None and x.axis != rank - 1:
         state.block(x.elems, f"{_name(state, i)} reduces an axis other than the channels")
     elif x is not None:

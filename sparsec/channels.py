@@ -103,10 +103,12 @@ class ChannelAnalysis:
 class State:
     """Mutable working state of one analysis run (the rules write into it)."""
 
-    def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple],
+                 ranks: dict[str, int] | None = None) -> None:
         self.model = model
         self.index = GraphIndex(model.graph)
         self.shapes = shapes
+        self.ranks = ranks or {}
         self.parent: list[int] = []
         self.layouts: dict[str, Layout] = {}
         self.actions: list[Action] = []
@@ -153,14 +155,19 @@ class State:
         if name in self.layouts:
             return self.layouts[name].rank
         shape = self.shapes.get(name)
-        return None if shape is None else len(shape)
+        return len(shape) if shape is not None else self.ranks.get(name)
 
 
-def analyse_channels(model: onnx.ModelProto, shapes: dict[str, tuple]) -> ChannelAnalysis:
-    """Follow the channel axis through the graph (nodes are in topological order)."""
+def analyse_channels(model: onnx.ModelProto, shapes: dict[str, tuple],
+                     ranks: dict[str, int] | None = None) -> ChannelAnalysis:
+    """Follow the channel axis through the graph (nodes are in topological order).
+
+    `shapes` are concrete shapes where inference settled them, `ranks` the ranks known
+    otherwise (symbolic dims); a rule that needs an unknown rank blocks instead of guessing.
+    """
     from sparsec.channel_rules import RULES, unknown_op
 
-    state = State(model, shapes)
+    state = State(model, shapes, ranks)
     for i, node in enumerate(model.graph.node):
         RULES.get(node.op_type, unknown_op)(state, i, node)
     for out in model.graph.output:

@@ -119,6 +119,12 @@ def cli(verbose: bool) -> None:
               help="Token pruning: later layers keep the top ceil(KEEP*L) tokens plus the first.")
 @click.option("--tokens-from", type=int, default=1, show_default=True, metavar="LAYER",
               help="Score tokens with this layer's attention (1-based); the layers after it run pruned.")
+@click.option("--encode", default="auto", show_default=True,
+              help="Blob encoding of pruned weights in weights.sparsec: auto (smallest per tensor), "
+                   "none, or one of dense, bitmap, rle, coo, csr, csc, nm_hw, nm_rank.")
+@click.option("--rle-bits", type=int, default=4, show_default=True, help="Run-length field width in bits.")
+@click.option("--sparse-initializers", is_flag=True,
+              help="Store pruned weights as ONNX sparse initializers (COO) in model.onnx.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison with the dense model.")
 @click.option("--force", is_flag=True, help="Overwrite the output directory.")
@@ -133,7 +139,8 @@ def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: floa
                 block_size: int, owl: bool, owl_lambda: float, owl_m: float, channels: float | None,
                 channels_per_layer_max: float, channel_score: str, round_to: int, fold_bn: bool | None,
                 recover: bool, heads: float | None, heads_per_layer: int | None, ffn: float | None,
-                tokens: float | None, tokens_from: int, quiet: bool,
+                tokens: float | None, tokens_from: int, encode: str, rle_bits: int,
+                sparse_initializers: bool, quiet: bool,
                 no_verify: bool, force: bool, as_json: bool, seed: int) -> None:
     """Prune MODEL and write OUTDIR/model.onnx and OUTDIR/report.json.
 
@@ -163,6 +170,7 @@ def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: floa
         owl_m=owl_m, channels=channels, channels_per_layer_max=channels_per_layer_max,
         channel_score=channel_score, round_to=round_to, fold_bn=fold_bn, recover=recover,
         heads=heads, heads_per_layer=heads_per_layer, ffn=ffn, tokens=tokens, tokens_from=tokens_from,
+        encode=encode, rle_bits=rle_bits, sparse_initializers=sparse_initializers,
     )
     click.echo(report.to_json() if as_json else summary_table(report))
 
@@ -186,6 +194,21 @@ def inspect_cmd(model: Path, shapes: tuple[str, ...], as_json: bool) -> None:
 
     report = api.inspect(model, shapes=parse_shapes(shapes))
     click.echo(report.to_json() if as_json else inspect_table(report))
+
+
+@cli.command("decode")
+@click.argument("outdir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Where to write the rebuilt model.")
+@user_errors
+def decode_cmd(outdir: Path, output: Path) -> None:
+    """Rebuild OUTDIR/model.onnx from OUTDIR/skeleton.onnx and OUTDIR/weights.sparsec.
+
+    \b
+    Example:
+      sparsec decode out/ -o restored.onnx && cmp restored.onnx out/model.onnx
+    """
+    click.echo(f"wrote {api.decode(outdir, output)}")
 
 
 @cli.command("engine")

@@ -126,7 +126,19 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
             from sparsec.transformer_compile import transformer_section
 
             report.transformer = transformer_section(plan, model, fixed)
+    blobs = _encode(ctx, options, analysis, results, loaded.external, report)
     with staged_dir(out, options.force, (model_path, *loaded.data_files)) as tmp:
+        if blobs:
+            from sparsec.encoding import write_outputs
+
+            write_outputs(ctx.model, blobs, tmp)
+        if options.sparse_initializers:
+            from sparsec.encoding import to_sparse_initializers
+
+            names = {w.weight for r in results for w in r.details.get("weights", [])}
+            report.tensorrt["note"] = ("model.onnx holds sparse initializers: "
+                                       "TensorRT's parser needs dense ones")
+            report.tensorrt["sparse_initializers"] = to_sparse_initializers(ctx.model, ctx.store, names)
         start = time.perf_counter()
         save_model(ctx.model, tmp / "model.onnx", ctx.store, external=loaded.external)
         timings["save_s"] = time.perf_counter() - start
@@ -157,6 +169,33 @@ def _calibration(loaded, options: CompileOptions, fixed: dict) -> CalibrationSet
     return CalibrationSettings(data=data, batch=options.batch,
                                providers=tuple(resolve_providers(options.providers)),
                                progress=False if options.quiet else None, fixed_shapes=fixed)
+
+
+def _encode(ctx: PassContext, options: CompileOptions, analysis: LayerAnalysis,
+            results: list[PassResult], external: bool, report: Report) -> dict:
+    """Encode every pruned weight (weight-pruning compiles); the report lists every candidate."""
+    if options.structured:
+        return {}
+    if options.encode == "none":
+        report.encoding = {"skipped": "--encode none"}
+        return {}
+    if options.sparse_initializers or external or ctx.model.ByteSize() >= TWO_GB:
+        why = "--sparse-initializers" if options.sparse_initializers else "the model uses external data"
+        report.encoding = {"skipped": f"{why}: weights.sparsec is written for self-contained models only"}
+        return {}
+    from sparsec.encoding import CONTAINER, SKELETON, encode_weights
+
+    pruned = {n for r in results for w in r.details.get("weights", []) for n in w.layers}
+    layers = [la for la in analysis.layers if la.name in pruned]
+    blobs, rows = encode_weights(ctx.model, ctx.store, layers, options.nm, options.encode, options.rle_bits)
+    formats: dict[str, int] = {}
+    for row in rows:
+        formats[row["format"]] = formats.get(row["format"], 0) + 1
+    report.encoding = {"container": CONTAINER, "skeleton": SKELETON, "tensors": rows,
+                       "totals": {"tensors": len(rows), "formats": formats,
+                                  "dense_bytes": sum(r["dense_bytes"] for r in rows),
+                                  "encoded_bytes": sum(r["bytes"] for r in rows)}}
+    return blobs
 
 
 def _verify(dense: Path, pruned: Path, ctx: PassContext, fixed: dict, options: CompileOptions

@@ -92,6 +92,11 @@ def infer_types(model: onnx.ModelProto, fixed: dict[str, tuple[int, ...]]) -> di
     return found
 
 
+def infer_ranks(model: onnx.ModelProto, fixed: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Tensor name -> rank wherever inference knows it (dims may stay symbolic)."""
+    return {name: rank for name, (_, rank) in infer_types(model, fixed).items()}
+
+
 def observe_shapes(model: onnx.ModelProto, store: TensorStore, fixed: dict[str, tuple[int, ...]],
                    names: list[str]) -> dict[str, tuple]:
     """Shapes that static inference could not give, read from one onnxruntime run.

@@ -97,6 +97,9 @@ class CompileOptions:
     ffn: float | None = None
     tokens: float | None = None
     tokens_from: int = 1
+    encode: str = "auto"  # auto | a format | none
+    rle_bits: int = 4
+    sparse_initializers: bool = False
 
     @property
     def transformer(self) -> bool:
@@ -183,7 +186,20 @@ class CompileOptions:
             raise SparsecError("--channel-score act and --recover need calibration data",
                                "give --calib FILE.npz|DIR or --calib-random N")
 
+    def _check_encoding(self) -> None:
+        from sparsec.runtime.codec import FORMATS
+
+        if self.encode not in ("auto", "none", *FORMATS):
+            raise SparsecError(f"--encode {self.encode!r} is unknown",
+                               f"choose auto, none or one of {', '.join(FORMATS)}")
+        if not 1 <= self.rle_bits <= 16:
+            raise SparsecError(f"--rle-bits {self.rle_bits} is out of range", "use 1..16, e.g. 4")
+        if self.sparse_initializers and self.structured:
+            raise SparsecError("--sparse-initializers stores pruned weights; structured pruning leaves "
+                               "none", "use it with --nm or --sparsity")
+
     def _check_pattern(self) -> None:
+        self._check_encoding()
         self._check_channels()
         if self.structured:
             return
@@ -251,4 +267,7 @@ class CompileOptions:
             "ffn": self.ffn,
             "tokens": self.tokens,
             "tokens_from": self.tokens_from,
+            "encode": self.encode,
+            "rle_bits": self.rle_bits,
+            "sparse_initializers": self.sparse_initializers,
         }

@@ -50,6 +50,7 @@ class Report:
     tensorrt: dict[str, Any] = field(default_factory=dict)
     channels: dict[str, Any] | None = None  # channel pruning: sources, groups, compensation
     transformer: dict[str, Any] | None = None  # heads/FFN per block and the cost model
+    encoding: dict[str, Any] | None = None  # weights.sparsec: format and sizes per tensor
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +117,13 @@ def summary_table(report: Report) -> str:
             lines.append(f"compensation inexact: {item}")
     for s in report.skipped:
         lines.append(f"left dense: {s['name']} ({s['op']}): {s['reason']}")
+    if report.encoding and "totals" in report.encoding:
+        e = report.encoding["totals"]
+        formats = ", ".join(f"{k} {v}" for k, v in e["formats"].items())
+        lines.append(f"encoded {e['tensors']} weights: {e['dense_bytes']:,} -> {e['encoded_bytes']:,} bytes "
+                     f"({formats}) in {report.encoding['container']}")
+    elif report.encoding:
+        lines.append(f"encoding: {report.encoding.get('skipped')}")
     if report.verify:
         v = report.verify
         if "masked" in v:

@@ -14,7 +14,7 @@ from sparsec.channel_select import ChannelChoice, choose_channels, filter_scores
 from sparsec.channels import ChannelAnalysis, analyse_channels
 from sparsec.compensation import Compensation, compute_compensation
 from sparsec.layers import find_layers
-from sparsec.macs import infer_shapes
+from sparsec.macs import infer_ranks, infer_shapes
 from sparsec.options import CompileOptions
 from sparsec.tensors import TensorStore
 from sparsec.weights import GraphIndex
@@ -40,7 +40,7 @@ def plan_structured(model: onnx.ModelProto, store: TensorStore, options: Compile
                     ops: tuple[str, ...] | None = None, score: str | None = None) -> StructuredPlan:
     """Channels to remove; `ratio`/`ops`/`score` override the options (used for --ffn)."""
     shapes = infer_shapes(model, fixed)
-    analysis = analyse_channels(model, shapes)
+    analysis = analyse_channels(model, shapes, infer_ranks(model, fixed))
     stats = None
     score = score or options.channel_score
     if settings is not None and (score == "act" or options.recover):

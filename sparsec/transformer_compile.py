@@ -111,9 +111,9 @@ def transformer_section(plan: TransformerPlan, model: onnx.ModelProto, fixed: di
 
 def _channel_analysis(model: onnx.ModelProto, fixed: dict):
     from sparsec.channels import analyse_channels
-    from sparsec.macs import infer_shapes
+    from sparsec.macs import infer_ranks, infer_shapes
 
-    return analyse_channels(model, infer_shapes(model, fixed))
+    return analyse_channels(model, infer_shapes(model, fixed), infer_ranks(model, fixed))
 
 
 def _is_ffn(analysis, source) -> bool:

@@ -152,3 +152,14 @@ def test_tokens_from_must_leave_a_later_layer(tmp_path, transformer_models):
         sparsec.compile(src, output=tmp_path / "o", tokens=0.5, tokens_from=2)
     with pytest.raises(sparsec.SparsecError, match="--tokens 0.0"):
         sparsec.compile(src, output=tmp_path / "o", tokens=0.0)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_ffn_at_batch_one(tmp_path, transformer_models, exporter):
+    """Batch-1 shapes leave some ranks to inference: the FFN axis must still be the last."""
+    src = tmp_path / "t.onnx"
+    onnx.save(transformer_models[exporter], src)
+    report = sparsec.compile(src, output=tmp_path / "o", ffn=0.5,
+                             shapes={"input_ids": (1, 12), "attention_mask": (1, 12)})
+    assert report.verify["masked"]["max_abs_diff"] < 1e-5
+    assert all(b["ffn_after"] < 128 for b in report.transformer["blocks"])
