@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import math
 import os
 import re
 import subprocess
@@ -32,13 +33,8 @@ WORK = HERE / "_work"
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402  (bench/corpus.py)
 
-NA = "n/a (not implemented)"
-TOKEN_ROWS = ("tokens 0.7 from layer 2", "tokens 0.5 from layer 2")
 SHAPES = ((1, 128), (8, 64))  # latency shapes (batch, sequence); the first is the main table's
-COMPILE_SHAPE = (8, 64)  # not B1×L128: at batch 1 sparsec's `ffn=` fails, see WHY_NOT_B1
-WHY_NOT_B1 = ("with shapes at batch 1 (1×128, 1×64, or none given) `ffn=` raises IndexError in "
-              "sparsec/compensation.py compute_compensation (np.take on the FFN activation [1, L, 1536] "
-              "along axis 1, the sequence axis, not axis 2); at 8×64 it compiles and the masked oracle holds")
+COMPILE_SHAPE = (8, 64)  # the cost model is recomputed for each latency shape
 CALIB_LEN = 64
 
 
@@ -54,21 +50,30 @@ def _sparsec() -> Any:
     return sys.modules["sparsec"]
 
 
-def configs(quick: bool) -> list[tuple[str, float | None, float | None]]:
-    """(label, heads ratio, ffn ratio); the first is the dense model."""
-    rows = [("dense", None, None), ("heads 25 %", 0.25, None), ("heads 50 %", 0.5, None),
-            ("ffn 25 %", None, 0.25), ("ffn 50 %", None, 0.5), ("heads 25 % + ffn 25 %", 0.25, 0.25),
-            ("heads 50 % + ffn 50 %", 0.5, 0.5)]
+def configs(quick: bool) -> list[tuple[str, dict]]:
+    """(label, sparsec.compile keywords); the first is the dense model."""
+    rows = [("dense", {}), ("heads 25 %", {"heads": 0.25}), ("heads 50 %", {"heads": 0.5}),
+            ("ffn 25 %", {"ffn": 0.25}), ("ffn 50 %", {"ffn": 0.5}),
+            ("tokens 0.7 from layer 2", {"tokens": 0.7, "tokens_from": 2}),
+            ("tokens 0.5 from layer 2", {"tokens": 0.5, "tokens_from": 2}),
+            ("heads 25 % + ffn 25 %", {"heads": 0.25, "ffn": 0.25}),
+            ("heads 50 % + ffn 50 %", {"heads": 0.5, "ffn": 0.5}),
+            ("heads 25 % + ffn 25 % + tokens 0.7 from 2", {"heads": 0.25, "ffn": 0.25, "tokens": 0.7,
+                                                           "tokens_from": 2})]
     return [rows[0], rows[2], rows[6]] if quick else rows
 
 
-def cost(blocks: list[dict], batch: int, seq: int, hidden: int, after: bool) -> int:
-    """sparsec's cost model: Σ B·L·(4·E·E_attn + 2·E·F) + 2·B·L²·E_attn, E_attn = heads·head_dim."""
+def cost(blocks: list[dict], batch: int, seq: int, hidden: int, after: bool, keep: float | None = None
+         ) -> int:
+    """sparsec's cost model: Σ B·L·(4·E·E_attn + 2·E·F) + 2·B·L²·E_attn, E_attn = heads·head_dim;
+    layers after a token cut run on ceil(keep·L) tokens."""
     total = 0
     for b in blocks:
         width = (b["heads_after"] if after else b["heads_before"]) * b["head_dim"]
         ffn = (b["ffn_after"] if after else b["ffn_before"]) or 4 * hidden
-        total += batch * seq * (4 * hidden * width + 2 * hidden * ffn) + 2 * batch * seq * seq * width
+        cut = after and keep is not None and b.get("tokens_after", 0) < b.get("tokens_before", 0)
+        length = math.ceil(keep * seq) if cut else seq
+        total += batch * length * (4 * hidden * width + 2 * hidden * ffn) + 2 * batch * length**2 * width
     return total
 
 
@@ -115,15 +120,14 @@ def time_round_robin(sessions: dict[str, Any], feeds: dict[str, np.ndarray], war
     return {n: float(np.median(t)) for n, t in times.items()}
 
 
-def prune(label: str, heads: float | None, ffn: float | None, model: Path, calib: Path, n_calib: int
-          ) -> dict[str, Any]:
+def prune(label: str, kwargs: dict, model: Path, calib: Path, n_calib: int) -> dict[str, Any]:
     sparsec = _sparsec()
     out = WORK / "transformer" / re.sub(r"[^a-z0-9]+", "_", label).strip("_")
     out.parent.mkdir(parents=True, exist_ok=True)
     shape = COMPILE_SHAPE
     start = time.perf_counter()
     try:
-        report = sparsec.compile(model, output=out, force=True, heads=heads, ffn=ffn, calib=str(calib),
+        report = sparsec.compile(model, output=out, force=True, **kwargs, calib=str(calib),
                                  calib_samples=n_calib, batch=16, verify=True,
                                  shapes={"input_ids": shape, "attention_mask": shape})
     except Exception as exc:
@@ -132,11 +136,14 @@ def prune(label: str, heads: float | None, ffn: float | None, model: Path, calib
     seconds = time.perf_counter() - start
     tr = report.transformer
     cm = tr["cost_model"]
-    mine = cost(tr["blocks"], *shape, cm["hidden"], True), cost(tr["blocks"], *shape, cm["hidden"], False)
+    keep = kwargs.get("tokens")
+    mine = (cost(tr["blocks"], *shape, cm["hidden"], True, keep),
+            cost(tr["blocks"], *shape, cm["hidden"], False))
     if mine != (cm["after"], cm["before"]):
         print(f"  {label}: recomputed cost {mine} != report's {cm['after'], cm['before']}", file=sys.stderr)
     return {"path": out / "model.onnx", "seconds": seconds, "blocks": tr["blocks"], "hidden": cm["hidden"],
-            "scores": tr["head_scores"], "oracle": report.verify["masked"]["max_abs_diff"]}
+            "scores": tr["head_scores"], "keep": keep,
+            "oracle": report.verify.get("masked", {}).get("max_abs_diff")}
 
 
 def provenance() -> str:
@@ -191,17 +198,18 @@ def main(argv: list[str] | None = None) -> None:
     print(info, flush=True)
 
     rows: dict[str, dict[str, Any]] = {}
-    for label, heads, ffn in configs(args.quick):
-        if heads is None and ffn is None:
+    for label, kwargs in configs(args.quick):
+        if not kwargs:
             rows[label] = {"path": model, "cosine": 1.0, "top1": 1.0}
             continue
-        row = rows[label] = prune(label, heads, ffn, model, calib, n_calib)
+        row = rows[label] = prune(label, kwargs, model, calib, n_calib)
         if "error" not in row:
             emb = embed(row["path"], eval_feeds)
             row.update(cosine=float(np.mean(np.sum(emb * dense, axis=1))),
                        top1=float(np.mean(nearest(emb) == dense_nn)))
             print(f"  {label}: cosine {row['cosine']:.4f}, top-1 {row['top1']:.3f}, oracle "
-                  f"{row['oracle']:.2e}, {row['seconds']:.1f}s ({row['scores']} head scores)", flush=True)
+                  f"{fmt(row['oracle'], '.2e')}, {row['seconds']:.1f}s ({row['scores']} head scores)",
+                  flush=True)
 
     ok = {k: r for k, r in rows.items() if "error" not in r}
     sessions = {k: session(r["path"]) for k, r in ok.items()}
@@ -214,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         t, r = ms[shape], ok[label]
         measured = t["dense"] / t[label if label != "dense" else "dense (2nd session)"]
         predicted = 1.0 if "blocks" not in r else (cost(r["blocks"], *shape, r["hidden"], False)
-                                                   / cost(r["blocks"], *shape, r["hidden"], True))
+                                                   / cost(r["blocks"], *shape, r["hidden"], True, r["keep"]))
         return measured, predicted, measured / predicted
 
     b1, b8 = SHAPES
@@ -234,9 +242,6 @@ def main(argv: list[str] | None = None) -> None:
                    fmt(r.get("seconds"), ".1f")])
         kept = [fmt_kept(bl, k) for k in ("heads", "ffn")]
         t2.append([label, *kept, f"{ms[b8][label]:.2f}", *(f"{v:.2f}" for v in speed(label, b8))])
-    for label in TOKEN_ROWS:
-        t1.append([label, NA] + ["–"] * 7)
-        t2.append([label, NA] + ["–"] * 5)
     tables = ["\n".join("| " + " | ".join(line) + " |" + ("\n|" + "---|" * len(line) if i == 0 else "")
                         for i, line in enumerate(t)) for t in (t1, t2)]
     print("\n" + "\n\n".join(tables) + "\n", flush=True)
@@ -260,10 +265,11 @@ def main(argv: list[str] | None = None) -> None:
                     f"sequential, ORT_ENABLE_ALL; warm-up {warmup}, median of {runs} runs, all sessions "
                     f"round-robin in one process; inputs [CLS] + consecutive docstring tokens + [SEP], "
                     f"attention mask all ones\n"
-                    f"- sparsec: heads=R, ffn=R, calib= the {n_calib}-sample .npz, batch 16, verify=True, "
-                    f"compiled at shapes B{COMPILE_SHAPE[0]}×L{COMPILE_SHAPE[1]}; predicted speedup = "
-                    f"cost model before/after recomputed from the per-block table for each latency shape "
-                    f"(not compiled at B1×L128: {WHY_NOT_B1})\n"
+                    f"- sparsec: heads=R, ffn=R, tokens=KEEP (tokens_from=2: layers 3-6 run pruned), calib= "
+                    f"the {n_calib}-sample .npz, batch 16, verify=True, compiled at shapes "
+                    f"B{COMPILE_SHAPE[0]}×L{COMPILE_SHAPE[1]}; predicted speedup = cost model before/after "
+                    f"recomputed from the per-block table for each latency shape; token pruning has no "
+                    f"masked oracle (every later layer sees other tokens)\n"
                     f"- Load average at the end: {'/'.join(f'{v:.2f}' for v in os.getloadavg())}\n")
         with open(HERE / "RESULTS.md", "a", encoding="utf-8") as fh:  # one append, never a rewrite
             fh.write(f"\n## {started:%Y-%m-%d %H:%M} UTC: transformer pruning on all-MiniLM-L6-v2 "
