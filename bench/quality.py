@@ -260,16 +260,22 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny grid: 16 calibration, 64 evaluation, 2:4")
     ap.add_argument("--record", action="store_true", help="append a section to bench/RESULTS.md")
+    ap.add_argument("--methods", default="magnitude,wanda,sparsegpt", help="comma list: a sub-grid")
+    ap.add_argument("--models", default="minilm,digits", help="comma list: minilm, digits")
     for flag, default in (("--calib-samples", 128), ("--batch", 16), ("--eval", 500), ("--seed", 0)):
         ap.add_argument(flag, type=int, default=default)  # --eval: MiniLM evaluation sentences
     args = ap.parse_args(argv)
     n_calib, n_eval = (16, 64) if args.quick else (args.calib_samples, args.eval)
     WORK.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
-    host, cells = provenance(), grid(args.quick)
+    host = provenance()
+    cells = [c for c in grid(args.quick) if c.method in args.methods.split(",")]
     sections, readings = [], []
-    tasks = [(minilm_task(n_calib, n_eval, args.batch, args.seed), ["cosine", "top1"]),
-             (digits_task(n_calib, args.batch, args.seed), ["accuracy"])]
+    tasks = []
+    if "minilm" in args.models.split(","):
+        tasks.append((minilm_task(n_calib, n_eval, args.batch, args.seed), ["cosine", "top1"]))
+    if "digits" in args.models.split(","):
+        tasks.append((digits_task(n_calib, args.batch, args.seed), ["accuracy"]))
     for (task, info), keys in tasks:
         print(f"## {task.name}: {info}", flush=True)
         rows: dict[Cell, tuple[Outcome, Outcome]] = {}
