@@ -61,6 +61,8 @@ def _prune_block(ctx, index, block: AttentionBlock, removed: set[int], inserts) 
     for proj, count in ((block.q, heads), (block.k, kv), (block.v, kv), (block.o, heads * block.head_dim)):
         if proj.reshape is not None:
             _set_count(ctx.model, index, proj.reshape, count, block, inserts, proj is block.o)
+        for repeat in proj.repeats:  # after a grouped-query repeat the head count is the query one
+            _set_count(ctx.model, index, repeat, heads, block, inserts, False)
     return {"heads_before": block.heads, "heads_after": heads, "kv_heads_after": kv}
 
 

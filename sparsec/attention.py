@@ -16,7 +16,8 @@ import onnx
 from sparsec.layers import node_display_name
 from sparsec.weights import GraphIndex
 
-PASS_BACK = ("Transpose", "Reshape", "Cast", "Identity", "Mul", "Div")
+PASS_BACK = ("Transpose", "Reshape", "Cast", "Identity", "Mul", "Div", "Expand", "Tile", "Unsqueeze")
+FIRST_INPUT = ("Transpose", "Reshape", "Cast", "Identity", "Expand", "Tile", "Unsqueeze")
 SCORE_WRAP = ("Add", "Mul", "Div", "Where", "Cast", "Identity", "Sub")
 FUSED = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
 
@@ -27,7 +28,8 @@ class Projection:
     weight: str  # initializer feeding input 1
     bias_add: int | None  # node index of the Add with a constant bias
     bias: str | None
-    reshape: int | None  # the Reshape that splits (or merges) heads
+    reshape: int | None  # the Reshape that splits (or merges) heads, next to the projection
+    repeats: tuple[int, ...] = ()  # Reshapes after a K/V head repeat (grouped-query attention)
 
 
 @dataclass(frozen=True)
@@ -81,16 +83,15 @@ def _dynamic_input(index, node) -> str | None:
 
 
 def _projection(index, nodes, pos, name) -> Projection | str:
-    reshape = None
-    for _ in range(8):
+    reshapes: list[int] = []
+    for _ in range(12):
         node, i = _producer(index, pos, name)
         if node is None:
             return f"{name} does not come from a projection"
-        if node.op_type == "Reshape" and reshape is None:
-            reshape = i
+        if node.op_type == "Reshape":
+            reshapes.append(i)
         if node.op_type in PASS_BACK:
-            nxt = node.input[0] if node.op_type in ("Transpose", "Reshape", "Cast", "Identity") \
-                else _dynamic_input(index, node)
+            nxt = node.input[0] if node.op_type in FIRST_INPUT else _dynamic_input(index, node)
             if nxt is None:
                 return f"{node_display_name(node, i)} mixes two activations"
             name = nxt
@@ -108,7 +109,8 @@ def _projection(index, nodes, pos, name) -> Projection | str:
             src = index.resolve(node.input[1])
             if src.steps or src.storage != "initializer":
                 return f"{node_display_name(node, i)}: weight is not a plain initializer"
-            return Projection(i, src.key, bias_add, bias, reshape)
+            split = reshapes[-1] if reshapes else None  # the one right after the projection
+            return Projection(i, src.key, bias_add, bias, split, tuple(reshapes[:-1]))
         return f"{node_display_name(node, i)} ({node.op_type}) is not a constant-weight MatMul"
     return f"{name}: projection too far back"
 

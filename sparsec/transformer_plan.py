@@ -55,9 +55,27 @@ def head_scores(model: onnx.ModelProto, store: TensorStore, analysis: AttentionA
     return scores, "calibration" if grams else "weights"
 
 
-def choose_heads(scores: dict[str, np.ndarray], ratio: float, per_layer: int | None) -> dict[str, tuple]:
+def choose_heads(scores: dict[str, np.ndarray], ratio: float, per_layer: int | None,
+                 groups: dict[str, int] | None = None) -> dict[str, tuple]:
     """Global ranking (scores normalised per layer), at least one head kept per layer;
-    `per_layer` instead keeps exactly that many heads in every layer."""
+    `per_layer` instead keeps exactly that many heads in every layer.
+
+    With grouped-query attention a K/V head is repeated for a fixed number of query heads, so
+    the unit is the whole group: its query heads and its K/V head go together.
+    """
+    groups = groups or {}
+    if any(g > 1 for g in groups.values()):
+        sizes = {n: groups.get(n, 1) for n in scores}
+        grouped = {n: s.reshape(-1, sizes[n]).sum(1) for n, s in scores.items()}
+        per_group = None if per_layer is None else {n: -(-per_layer // sizes[n]) for n in scores}
+        chosen = {n: _choose_units({n: grouped[n]}, ratio, per_group[n] if per_group else None)[n]
+                  for n in scores} if per_layer is not None else _choose_units(grouped, ratio, None)
+        return {n: tuple(h for g in chosen[n] for h in range(g * sizes[n], (g + 1) * sizes[n]))
+                for n in scores}
+    return _choose_units(scores, ratio, per_layer)
+
+
+def _choose_units(scores: dict[str, np.ndarray], ratio: float, per_layer: int | None) -> dict[str, tuple]:
     if per_layer is not None:
         return {n: tuple(sorted(np.argsort(s, kind="stable")[: max(len(s) - per_layer, 0)].tolist()))
                 for n, s in scores.items()}
@@ -81,7 +99,8 @@ def plan_heads(model, store, ratio: float | None, per_layer: int | None, setting
         raise SparsecError(f"--heads: no attention block found ({reasons})",
                            "sparsec inspect lists what it sees")
     scores, basis = head_scores(model, store, analysis, settings)
-    removed = choose_heads(scores, ratio or 0.0, per_layer)
+    groups = {b.name: b.heads // b.kv_heads for b in analysis.blocks}
+    removed = choose_heads(scores, ratio or 0.0, per_layer, groups)
     return HeadPlan(analysis, removed, {n: s.tolist() for n, s in scores.items()}, basis)
 
 

@@ -163,3 +163,32 @@ def test_ffn_at_batch_one(tmp_path, transformer_models, exporter):
                              shapes={"input_ids": (1, 12), "attention_mask": (1, 12)})
     assert report.verify["masked"]["max_abs_diff"] < 1e-5
     assert all(b["ffn_after"] < 128 for b in report.transformer["blocks"])
+
+
+@pytest.fixture(scope="module")
+def gqa_models():
+    from sparsec.models.gqa import build_gqa
+
+    return {e: build_gqa(exporter=e) for e in ("dynamo", "torchscript")}
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("kwargs", [{"heads": 0.5}, {"heads_per_layer": 2}, {"heads_per_layer": 1}])
+def test_grouped_query_attention_without_biases(tmp_path, gqa_models, exporter, kwargs):
+    model = gqa_models[exporter]
+    analysis = find_attention(model)
+    assert [(b.heads, b.kv_heads, b.head_dim) for b in analysis.blocks] == [(4, 2, 16)]
+    assert analysis.blocks[0].q.bias is None
+    src = tmp_path / "g.onnx"
+    onnx.save(model, src)
+    shapes = {"x": (2, 7, 64)}
+    report = sparsec.compile(src, output=tmp_path / "o", shapes=shapes, **kwargs)
+    assert report.verify["masked"]["max_abs_diff"] < 1e-5
+    block = report.transformer["blocks"][0]
+    assert block["heads_after"] == 2  # a whole group (2 query heads + their K/V head) goes;
+    # heads_per_layer=1 rounds up to the one group that must stay
+    weights = {t.name: tuple(t.dims) for t in onnx.load(tmp_path / "o" / "model.onnx").graph.initializer}
+    assert weights[analysis.blocks[0].k.weight][1] == 16  # one K/V head left
+    assert weights[analysis.blocks[0].q.weight][1] == 32
+    x = np.random.default_rng(0).standard_normal((3, 9, 64)).astype(np.float32)
+    assert run(str(tmp_path / "o" / "model.onnx"), {"x": x})[0].shape == (3, 9, 64)
