@@ -52,6 +52,18 @@ def kept_masks(block: AttentionBlock, removed: set[int]) -> tuple[np.ndarray, np
 def _prune_block(ctx, index, block: AttentionBlock, removed: set[int], inserts) -> dict:
     q_cols, kv_cols = kept_masks(block, removed)
     store = ctx.store
+    if getattr(block, "fused", False):  # one [E, 3·hidden] weight: cut Q, K and V alike
+        cols = np.concatenate([q_cols] * 3)
+        _cut(store, index.initializers[block.q.weight], cols, 1)
+        if block.q.bias is not None:
+            _cut(store, index.initializers[block.q.bias], cols, -1)
+        _cut(store, index.initializers[block.o.weight], q_cols, 0)
+        heads = int(q_cols.sum()) // block.head_dim
+        node = ctx.model.graph.node[block.softmax]
+        next(a for a in node.attribute if a.name == "num_heads").i = heads
+        if block.o.reshape is not None:
+            _set_count(ctx.model, index, block.o.reshape, heads * block.head_dim, block, inserts, True)
+        return {"heads_before": block.heads, "heads_after": heads, "kv_heads_after": heads}
     for proj, cols in ((block.q, q_cols), (block.k, kv_cols), (block.v, kv_cols)):
         _cut(store, index.initializers[proj.weight], cols, 1)
         if proj.bias is not None:

@@ -34,6 +34,9 @@ class PruneTokensPass:
     def run(self, ctx: PassContext) -> PassResult:
         model = ctx.model
         blocks = sorted(find_attention(model).blocks, key=lambda b: b.softmax)
+        if any(getattr(b, "fused", False) for b in blocks):
+            raise SparsecError("token pruning needs the attention probabilities: fused Attention ops "
+                               "hide them", "prune tokens on the unfused export")
         if not 1 <= self.after_layer < len(blocks):
             raise SparsecError(f"--tokens-from {self.after_layer}: the model has {len(blocks)} attention "
                                "layers; choose a layer before the last", "e.g. --tokens-from 2")

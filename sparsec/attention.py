@@ -46,6 +46,20 @@ class AttentionBlock:
 
 
 @dataclass(frozen=True)
+class FusedAttention:
+    """A com.microsoft Attention node: Q, K and V in one [E, 3·hidden] weight, heads in an attribute."""
+
+    softmax: int  # the fused node's index (blocks sort by it)
+    name: str
+    q: Projection  # the fused weight and bias (q.weight dims[0] is the model width)
+    o: Projection
+    heads: int
+    kv_heads: int
+    head_dim: int
+    fused: bool = True
+
+
+@dataclass(frozen=True)
 class AttentionAnalysis:
     blocks: tuple[AttentionBlock, ...]
     unexplained: tuple[tuple[str, str], ...]  # (node, reason): Softmaxes and fused ops left alone
@@ -58,8 +72,11 @@ def find_attention(model: onnx.ModelProto) -> AttentionAnalysis:
     blocks, unexplained = [], []
     for i, node in enumerate(nodes):
         if node.op_type in FUSED:
-            unexplained.append((node_display_name(node, i), f"fused {node.domain or 'ai.onnx'}."
-                                f"{node.op_type}: head pruning of fused ops is not supported"))
+            fused = _fused(index, nodes, pos, i)
+            if isinstance(fused, str):
+                unexplained.append((node_display_name(node, i), fused))
+            else:
+                blocks.append(fused)
         if node.op_type != "Softmax":
             continue
         block = _match(index, nodes, pos, i)
@@ -68,6 +85,28 @@ def find_attention(model: onnx.ModelProto) -> AttentionAnalysis:
         else:
             blocks.append(block)
     return AttentionAnalysis(tuple(blocks), tuple(unexplained))
+
+
+def _fused(index, nodes, pos, i) -> FusedAttention | str:
+    node = nodes[i]
+    what = f"fused {node.domain or 'ai.onnx'}.{node.op_type}"
+    attrs = {a.name: a for a in node.attribute}
+    if node.op_type != "Attention" or node.domain != "com.microsoft":
+        return f"{what}: head pruning supports com.microsoft Attention only"
+    if "qkv_hidden_sizes" in attrs or "past_present_share_buffer" in attrs or len(node.output) > 1 \
+            and any(node.output[1:]):
+        return f"{what}: unequal Q/K/V sizes or a KV cache are not supported"
+    weight = index.initializers.get(node.input[1])
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] in index.initializers else None
+    heads = int(attrs["num_heads"].i) if "num_heads" in attrs else 0
+    if weight is None or len(weight.dims) != 2 or heads <= 0 or weight.dims[1] % (3 * heads):
+        return f"{what}: weights are not a constant [E, 3·hidden] matrix"
+    o = _output_projection(index, nodes, pos, node.output[0])
+    if isinstance(o, str):
+        return f"{what}: {o}"
+    dim = weight.dims[1] // 3 // heads
+    qkv = Projection(i, node.input[1], None, bias, None)
+    return FusedAttention(i, node_display_name(node, i), qkv, o, heads, heads, dim)
 
 
 def _producer(index, pos, name):

@@ -47,6 +47,10 @@ def head_scores(model: onnx.ModelProto, store: TensorStore, analysis: AttentionA
             scores[b.name] = np.array([np.sqrt(max(np.trace(w_o[h*d:(h+1)*d].T @ g[h*d:(h+1)*d, h*d:(h+1)*d]
                                                            @ w_o[h*d:(h+1)*d]), 0.0))
                                        for h in range(b.heads)])
+        elif getattr(b, "fused", False):  # V is the last third of the fused weight
+            w_v = np.asarray(store.read(weights[b.q.weight]), dtype=np.float64)[:, 2 * b.heads * d:]
+            scores[b.name] = np.array([np.linalg.norm(w_v[:, h * d:(h + 1) * d])
+                                       * np.linalg.norm(w_o[h * d:(h + 1) * d]) for h in range(b.heads)])
         else:
             w_v = np.asarray(store.read(weights[b.v.weight]), dtype=np.float64)
             group = b.heads // b.kv_heads

@@ -192,3 +192,38 @@ def test_grouped_query_attention_without_biases(tmp_path, gqa_models, exporter, 
     assert weights[analysis.blocks[0].q.weight][1] == 32
     x = np.random.default_rng(0).standard_normal((3, 9, 64)).astype(np.float32)
     assert run(str(tmp_path / "o" / "model.onnx"), {"x": x})[0].shape == (3, 9, 64)
+
+
+def fused_attention_model(seed=0, e=64, heads=4):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((rng.standard_normal((e, 3 * e)) * 0.2).astype(np.float32), "qkv_w"),
+             numpy_helper.from_array((rng.standard_normal(3 * e) * 0.1).astype(np.float32), "qkv_b"),
+             numpy_helper.from_array((rng.standard_normal((e, e)) * 0.2).astype(np.float32), "o_w"),
+             numpy_helper.from_array((rng.standard_normal(e) * 0.1).astype(np.float32), "o_b")]
+    nodes = [helper.make_node("Attention", ["x", "qkv_w", "qkv_b"], ["ctx"], name="fused_attention",
+                              domain="com.microsoft", num_heads=heads),
+             helper.make_node("MatMul", ["ctx", "o_w"], ["o"], name="o_proj"),
+             helper.make_node("Add", ["o", "o_b"], ["y"], name="o_bias")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", e])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", e])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                   helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_fused_com_microsoft_attention(tmp_path):
+    model = fused_attention_model()
+    analysis = find_attention(model)
+    assert [(b.name, b.heads, b.head_dim) for b in analysis.blocks] == [("fused_attention", 4, 16)]
+    src = tmp_path / "f.onnx"
+    onnx.save(model, src)
+    report = sparsec.compile(src, output=tmp_path / "o", heads=0.5, shapes={"x": (2, 6, 64)})
+    assert report.verify["masked"]["max_abs_diff"] < 1e-5
+    pruned = onnx.load(tmp_path / "o" / "model.onnx")
+    node = next(n for n in pruned.graph.node if n.op_type == "Attention")
+    assert next(a.i for a in node.attribute if a.name == "num_heads") == 2
+    dims = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    assert dims["qkv_w"] == (64, 96) and dims["qkv_b"] == (96,) and dims["o_w"] == (32, 64)
+    x = np.random.default_rng(1).standard_normal((3, 5, 64)).astype(np.float32)
+    assert run(str(tmp_path / "o" / "model.onnx"), {"x": x})[0].shape == (3, 5, 64)
