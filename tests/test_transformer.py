@@ -206,8 +206,8 @@ def fused_attention_model(seed=0, e=64, heads=4):
                               domain="com.microsoft", num_heads=heads),
              helper.make_node("MatMul", ["ctx", "o_w"], ["o"], name="o_proj"),
              helper.make_node("Add", ["o", "o_b"], ["y"], name="o_bias")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", e])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", e])], inits)
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "s", e]) for n in ("x", "y")]
+    graph = helper.make_graph(nodes, "g", io[:1], io[1:], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                    helper.make_opsetid("com.microsoft", 1)])
 
