@@ -75,6 +75,11 @@ def _prune_block(ctx, index, block: AttentionBlock, removed: set[int], inserts) 
             _set_count(ctx.model, index, proj.reshape, count, block, inserts, proj is block.o)
         for repeat in proj.repeats:  # after a grouped-query repeat the head count is the query one
             _set_count(ctx.model, index, repeat, heads, block, inserts, False)
+    if block.head_attrs:  # MultiHeadAttention / ONNX Attention carry the counts as attributes
+        node = ctx.model.graph.node[block.softmax]
+        for attr in node.attribute:
+            if attr.name in block.head_attrs:
+                attr.i = kv if attr.name == "kv_num_heads" else heads
     return {"heads_before": block.heads, "heads_after": heads, "kv_heads_after": kv}
 
 

@@ -43,6 +43,7 @@ class AttentionBlock:
     heads: int
     kv_heads: int
     head_dim: int
+    head_attrs: tuple[str, ...] = ()  # attributes of the attention op that carry head counts
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,10 @@ def _fused(index, nodes, pos, i) -> FusedAttention | str:
     node = nodes[i]
     what = f"fused {node.domain or 'ai.onnx'}.{node.op_type}"
     attrs = {a.name: a for a in node.attribute}
+    if node.op_type == "MultiHeadAttention" or (node.op_type == "Attention" and node.domain in ("", "ai.onnx")):
+        return _separate(index, nodes, pos, i, what, attrs)
     if node.op_type != "Attention" or node.domain != "com.microsoft":
-        return f"{what}: head pruning supports com.microsoft Attention only"
+        return f"{what}: not supported for head pruning"
     if "qkv_hidden_sizes" in attrs or "past_present_share_buffer" in attrs or len(node.output) > 1 \
             and any(node.output[1:]):
         return f"{what}: unequal Q/K/V sizes or a KV cache are not supported"
@@ -107,6 +110,26 @@ def _fused(index, nodes, pos, i) -> FusedAttention | str:
     dim = weight.dims[1] // 3 // heads
     qkv = Projection(i, node.input[1], None, bias, None)
     return FusedAttention(i, node_display_name(node, i), qkv, o, heads, heads, dim)
+
+
+def _separate(index, nodes, pos, i, what: str, attrs) -> AttentionBlock | str:
+    """MultiHeadAttention / ONNX Attention: Q, K and V come from their own projections."""
+    node = nodes[i]
+    if len(node.input) < 3 or not all(node.input[:3]) or len(node.output) > 1 and any(node.output[1:]):
+        return f"{what}: needs separate Q, K and V inputs and no KV cache"
+    parts = [_projection(index, nodes, pos, node.input[j]) for j in range(3)]
+    o = _output_projection(index, nodes, pos, node.output[0])
+    for label, part in zip(("Q", "K", "V", "output"), (*parts, o), strict=True):
+        if isinstance(part, str):
+            return f"{what}: {label} side: {part}"
+    names = ("q_num_heads", "kv_num_heads") if "q_num_heads" in attrs else ("num_heads",)
+    heads = int(attrs[names[0]].i) if names[0] in attrs else 0
+    kv = int(attrs[names[-1]].i) if names[-1] in attrs else heads
+    q_out = index.initializers[parts[0].weight].dims[1]
+    kv_out = index.initializers[parts[1].weight].dims[1]
+    if heads <= 0 or kv <= 0 or q_out % heads or kv_out % kv or q_out // heads != kv_out // kv:
+        return f"{what}: head counts do not match the projection widths"
+    return AttentionBlock(i, node_display_name(node, i), *parts, o, heads, kv, q_out // heads, names)
 
 
 def _producer(index, pos, name):

@@ -227,3 +227,42 @@ def test_fused_com_microsoft_attention(tmp_path):
     assert dims["qkv_w"] == (64, 96) and dims["qkv_b"] == (96,) and dims["o_w"] == (32, 64)
     x = np.random.default_rng(1).standard_normal((3, 5, 64)).astype(np.float32)
     assert run(str(tmp_path / "o" / "model.onnx"), {"x": x})[0].shape == (3, 5, 64)
+
+
+def separate_attention_model(op: str, seed=0, e=64, heads=4):
+    """Q/K/V projections feeding com.microsoft MultiHeadAttention or ONNX Attention (opset 23)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+    for p in ("q", "k", "v"):
+        inits += [numpy_helper.from_array((rng.standard_normal((e, e)) * 0.2).astype(np.float32), f"{p}_w"),
+                  numpy_helper.from_array((rng.standard_normal(e) * 0.1).astype(np.float32), f"{p}_b")]
+        nodes += [helper.make_node("MatMul", ["x", f"{p}_w"], [f"{p}_mm"], name=f"{p}_proj"),
+                  helper.make_node("Add", [f"{p}_mm", f"{p}_b"], [p], name=f"{p}_bias")]
+    inits.append(numpy_helper.from_array((rng.standard_normal((e, e)) * 0.2).astype(np.float32), "o_w"))
+    if op == "MultiHeadAttention":
+        nodes.append(helper.make_node(op, ["q", "k", "v"], ["ctx"], name="mha", domain="com.microsoft",
+                                      num_heads=heads))
+        opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    else:
+        nodes.append(helper.make_node(op, ["q", "k", "v"], ["ctx"], name="mha", q_num_heads=heads,
+                                      kv_num_heads=heads))
+        opsets = [helper.make_opsetid("", 23)]
+    nodes.append(helper.make_node("MatMul", ["ctx", "o_w"], ["y"], name="o_proj"))
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "s", e]) for n in ("x", "y")]
+    return helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:], inits), opset_imports=opsets)
+
+
+@pytest.mark.parametrize("op", ["MultiHeadAttention", "Attention"])
+def test_attention_ops_with_separate_projections(tmp_path, op):
+    model = separate_attention_model(op)
+    analysis = find_attention(model)
+    assert [(b.heads, b.head_dim) for b in analysis.blocks] == [(4, 16)]
+    src = tmp_path / "a.onnx"
+    onnx.save(model, src)
+    report = sparsec.compile(src, output=tmp_path / "o", heads=0.5, shapes={"x": (2, 6, 64)})
+    assert report.verify["masked"]["max_abs_diff"] < 1e-5
+    node = next(n for n in onnx.load(tmp_path / "o" / "model.onnx").graph.node if n.name == "mha")
+    assert {a.name: a.i for a in node.attribute} == (
+        {"num_heads": 2} if op == "MultiHeadAttention" else {"q_num_heads": 2, "kv_num_heads": 2})
