@@ -92,7 +92,8 @@ def _fused(index, nodes, pos, i) -> FusedAttention | str:
     node = nodes[i]
     what = f"fused {node.domain or 'ai.onnx'}.{node.op_type}"
     attrs = {a.name: a for a in node.attribute}
-    if node.op_type == "MultiHeadAttention" or (node.op_type == "Attention" and node.domain in ("", "ai.onnx")):
+    onnx_attention = node.op_type == "Attention" and node.domain in ("", "ai.onnx")
+    if node.op_type == "MultiHeadAttention" or onnx_attention:
         return _separate(index, nodes, pos, i, what, attrs)
     if node.op_type != "Attention" or node.domain != "com.microsoft":
         return f"{what}: not supported for head pruning"
