@@ -15,6 +15,16 @@ from sparsec.weights import GraphIndex, to_effective, to_stored
 from .prune_weights import PrunedWeight, PruneWeightsPass, estimate_error
 
 
+def _patch_rows(weight: np.ndarray) -> np.ndarray:
+    """Conv [M, C, R, S] as [M, R·S·C]: the order of the im2col patches, N:M groups along C."""
+    return weight.transpose(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def _from_patch_rows(rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    m, c, r, s = shape
+    return rows.reshape(m, r, s, c).transpose(0, 3, 1, 2)
+
+
 def gram_ready(layer) -> bool:
     """SparseGPT needs the layer as [rows, K] against one Gram: 2-D weights and 1×1 convs."""
     per_out = int(np.prod(layer.shape)) // layer.shape[layer.output_axis] // layer.reduction_dim
@@ -25,8 +35,9 @@ def gram_ready(layer) -> bool:
 class SparseGPTPass:
     """Per layer: H = XᵀX/n + λI, column-wise OBS updates in blocks; kept weights change.
 
-    Layers without a usable Gram matrix (k×k or grouped convs) fall back to Wanda and the
-    report says so; nothing silently degrades to magnitude.
+    k×k Convs use the Gram matrix of their im2col patches (collected in the graph by a
+    one-hot Conv). Layers without a usable Gram matrix (grouped convs) fall back to Wanda and
+    the report says so; nothing silently degrades to magnitude.
     """
 
     targets: list[PruneTarget]
@@ -44,26 +55,33 @@ class SparseGPTPass:
         calib = ctx.facts["calibration"]
         ratios = ctx.facts.get("layer_sparsity", {})
         done: list[PrunedWeight] = []
-        fallback = [t for t in self.targets if not gram_ready(t.layer)
-                    or calib.layers.get(t.layer.name) is None
-                    or calib.layers[t.layer.name].gram is None]
+        patched = {t.layer.name for t in self.targets if t.layer.name in calib.patches}
+        fallback = [t for t in self.targets if t.layer.name not in patched and (
+                    not gram_ready(t.layer) or calib.layers.get(t.layer.name) is None
+                    or calib.layers[t.layer.name].gram is None)]
         for target in self.targets:
             if target in fallback:
                 continue
             layer = target.layer
-            stats = calib.layers[layer.name]
+            patch = layer.name in patched
+            stats = calib.patches[layer.name] if patch else calib.layers[layer.name]
             tensor = index.constant(layer.source)
             stored = ctx.store.read(tensor)
             effective = to_effective(stored, layer.source.steps)
             sparsity = ratios.get(target.weight, self.sparsity)
+            rows = _patch_rows(effective) if patch else as_rows(layer, effective)
             result = sparsegpt_prune(
-                as_rows(layer, effective), stats.gram, stats.rows,
+                rows, stats.gram, stats.rows,
                 sparsity=None if self.nm else sparsity, n=self.nm.n if self.nm else None,
                 m=self.nm.m if self.nm else None, block_size=self.block_size, percdamp=self.damp)
-            new_eff = from_rows(layer, result.weight).astype(stored.dtype)
+            new_eff = (_from_patch_rows(result.weight, effective.shape) if patch
+                       else from_rows(layer, result.weight)).astype(stored.dtype)
             new_stored = np.ascontiguousarray(to_stored(new_eff, layer.source.steps))
             ctx.store.write(tensor, new_stored)
-            error, basis = estimate_error(layer, effective, new_eff, calib)
+            if patch:  # exact: the error over the im2col patches the layer really multiplies
+                error, basis = result.error_after, "gram (im2col)"
+            else:
+                error, basis = estimate_error(layer, effective, new_eff, calib)
             done.append(PrunedWeight(
                 layer.weight, tuple(u.name for u in target.layers),
                 str(self.nm) if self.nm else "unstructured/sparsegpt", stored.size,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from sparsec.runtime.calib_data import CalibrationData
-from sparsec.runtime.instrument import StatSpec, instrumented_graph, plan_stats
+from sparsec.runtime.instrument import StatSpec, instrumented_graph, plan_patches, plan_stats
 from sparsec.runtime.progress import Progress
 from sparsec.runtime.session import session_with_values
 
@@ -42,6 +42,7 @@ class CalibrationStats:
     samples: int
     seconds: float
     unavailable: dict[str, str] = field(default_factory=dict)  # layer -> why it has no stats
+    patches: dict[str, ActivationStats] = field(default_factory=dict)  # k×k Conv -> im2col stats
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,8 @@ def collect_stats(model: onnx.ModelProto, store: TensorStore, layers: list[Layer
         ranks.update({k: len(v) for k, v in
                       observe_shapes(model, store, settings.fixed_shapes, wanted).items()})
         specs, by_layer, unknown = plan_stats(layers, nodes, set(gram_for), ranks)
-    spec_list = list(specs.values())
+    patch_specs = plan_patches(layers, nodes, set(gram_for), len(specs))
+    spec_list = list(specs.values()) + list(patch_specs.values())
     graph = instrumented_graph(model, spec_list, ranks, {k: v[0] for k, v in types.items()})
     used = {i for n in graph.graph.node for i in n.input}
     tensors = [t for t in model.graph.initializer if t.name in used]
@@ -98,6 +100,7 @@ def collect_stats(model: onnx.ModelProto, store: TensorStore, layers: list[Layer
         layers={name: stats[key] for name, key in by_layer.items()},
         samples=seen, seconds=time.perf_counter() - start,
         unavailable={name: "the rank of its input is unknown" for name in unknown},
+        patches={name: _stats(s, sums, rows, grams) for name, s in patch_specs.items()},
     )
 
 

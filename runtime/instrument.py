@@ -31,6 +31,7 @@ class StatSpec:
     sum_output: str
     size_output: str
     gram_output: str | None
+    unfold: tuple | None = None  # (C, R, S, conv attributes): statistics of im2col patches
 
 
 def activation_of(layer: Layer, node: onnx.NodeProto, gemm_trans: tuple[int, int]) -> tuple[str, int]:
@@ -73,6 +74,43 @@ def plan_stats(layers: list[Layer], nodes, gram_for: set[str], ranks: dict[str, 
     return specs, by_layer, unknown
 
 
+def plan_patches(layers: list[Layer], nodes, gram_for: set[str], first: int) -> dict[str, StatSpec]:
+    """For k×k Convs (group 1) that SparseGPT prunes: the Gram matrix of their im2col patches,
+    ordered (r, s, c) so that N:M groups along C stay consecutive."""
+    out = {}
+    for layer in layers:
+        node = nodes[layer.node_index]
+        if layer.name not in gram_for or layer.op != "Conv" or layer.groups != 1 or len(layer.shape) != 4:
+            continue
+        c, r, s = layer.shape[1], layer.shape[2], layer.shape[3]
+        if r * s == 1:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute
+                 if a.name in ("strides", "pads", "dilations", "auto_pad")}
+        i = first + len(out)
+        out[layer.name] = StatSpec(node.input[0], 1, c * r * s, True, f"{PREFIX}/{i}/sumsq",
+                                   f"{PREFIX}/{i}/sum", f"{PREFIX}/{i}/size", f"{PREFIX}/{i}/gram",
+                                   (c, r, s, attrs))
+    return out
+
+
+def _unfold_nodes(spec: StatSpec, x: str, base: str) -> list[onnx.NodeProto]:
+    """A Conv with one-hot kernels: output channel (r·S + s)·C + c is input channel c at (r, s)."""
+    import numpy as np
+
+    c, r, s, attrs = spec.unfold
+    kernel = np.zeros((r * s * c, c, r, s), dtype=np.float32)
+    for rr in range(r):
+        for ss in range(s):
+            for cc in range(c):
+                kernel[(rr * s + ss) * c + cc, cc, rr, ss] = 1.0
+    attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+    return [helper.make_node("Constant", [], [f"{base}/onehot"], name=f"{base}/onehot_const",
+                             value=onnx.numpy_helper.from_array(kernel, f"{base}/onehot")),
+            helper.make_node("Conv", [x, f"{base}/onehot"], [f"{base}/patches"], name=f"{base}/unfold",
+                             **attrs)]
+
+
 def _channels(layer: Layer) -> int:
     if layer.op == "Conv":
         return layer.shape[1] * layer.groups
@@ -88,6 +126,9 @@ def stat_nodes(spec: StatSpec, rank: int, elem_type: int, opset: int) -> list[on
         nodes.append(helper.make_node("Cast", [x], [f"{base}/x32"], to=TensorProto.FLOAT,
                                       name=f"{base}/cast"))
         x = f"{base}/x32"
+    if spec.unfold is not None:
+        nodes += _unfold_nodes(spec, x, base)
+        x = f"{base}/patches"
     axes = [a for a in range(rank) if a != spec.axis]
     if opset >= 18:  # axes became an input in opset 18
         nodes.append(helper.make_node("Constant", [], [f"{base}/axes"], name=f"{base}/axes_const",

@@ -246,3 +246,52 @@ def test_cli_calibrated_compile_with_random_data(tmp_path, transformer_models):
     bad = CliRunner().invoke(cli, ["compile", str(src), "--nm", "2:4", "--method", "wanda",
                                    "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "needs calibration data" in bad.stderr
+
+
+def im2col(x: np.ndarray, r: int, s: int, stride: int, pad: int) -> np.ndarray:
+    """Patches [N·E·F, R·S·C] in (r, s, c) order, the obvious way."""
+    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    n, c, h, w = x.shape
+    rows = []
+    for b in range(n):
+        for i in range(0, h - r + 1, stride):
+            for j in range(0, w - s + 1, stride):
+                rows.append(x[b, :, i:i + r, j:j + s].transpose(1, 2, 0).ravel())
+    return np.array(rows, dtype=np.float64)
+
+
+def test_conv_patch_gram_equals_im2col(tmp_path):
+    model = GOLDEN["example"]()
+    path, arrays = calib_file(tmp_path, "cnn", model, samples=3)
+    layers = list(find_layers(model).layers)
+    conv1 = next(la for la in layers if la.name == "conv1")  # 3x3, stride 2, pad 1
+    data = open_calibration(input_specs(model), path=path)
+    stats = collect_stats(model, TensorStore(path.parent), layers,
+                          CalibrationSettings(data=data, batch=2, progress=False), {"conv1"})
+    node = model.graph.node[conv1.node_index]
+    x = np.concatenate([exposed(model, {"image": arrays["image"][i]}, [node.input[0]])[node.input[0]]
+                        for i in range(3)])
+    patches = im2col(x, 3, 3, stride=2, pad=1)
+    got = stats.patches["conv1"]
+    assert got.rows == len(patches)
+    np.testing.assert_allclose(got.gram, patches.T @ patches, rtol=1e-4, atol=1e-3)
+
+
+def test_sparsegpt_on_kxk_conv_keeps_tensorrt_layout_and_beats_wanda(tmp_path):
+    src = tmp_path / "ex.onnx"
+    model = GOLDEN["example"]()
+    onnx.save(model, src)
+    path, _ = calib_file(tmp_path, "cnn", model, samples=16)
+    errors = {}
+    for method in ("wanda", "sparsegpt"):
+        report = sparsec.compile(src, output=tmp_path / method, nm="2:4", method=method, calib=path)
+        errors[method] = report.verify["max_abs_diff"]
+        weights = initializers(onnx.load(tmp_path / method / "model.onnx"))
+        for e in report.layers:
+            if e.skipped_reason is None and e.op == "Conv":
+                w = weights[e.weight]
+                groups = np.moveaxis(w, 1, -1).reshape(-1, 4)  # along C for each (m, r, s)
+                assert ((groups != 0).sum(axis=1) <= 2).all()
+                if method == "sparsegpt":
+                    assert e.rel_error_basis == "gram (im2col)" and e.note is None
+    assert errors["sparsegpt"] < errors["wanda"]
