@@ -174,7 +174,10 @@ def instrumented_graph(model: onnx.ModelProto, specs: list[StatSpec], ranks: dic
     """A new model computing only what the statistics need; initializers are left to the caller."""
     g = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-    extra = [n for s in specs for n in stat_nodes(s, ranks[s.tensor], types.get(s.tensor, 1), opset)]
+    # later layers' reducers first: onnxruntime's default order walks back from the last leaf,
+    # so each reducer then runs as soon as its activation exists and the activation can be freed
+    extra = [n for s in reversed(specs)
+             for n in stat_nodes(s, ranks[s.tensor], types.get(s.tensor, 1), opset)]
     outputs = [o for s in specs for o in (s.sumsq_output, s.sum_output, s.size_output, s.gram_output) if o]
     every = list(g.node) + extra
     needed = _ancestors(every, outputs)
