@@ -1,8 +1,8 @@
 """OWL: outlier-weighed layerwise sparsity (Yin et al. 2024), an analysis pass.
 
 Layers whose Wanda scores hold more outliers (scores above M times the layer's mean) keep
-more weights. Ratios are spread over [S−λ, S+λ] and shifted so that the parameter-weighted
-mean sparsity stays exactly S. Unstructured patterns only.
+more weights. Ratios are spread over [S−λ, S+λ] and shifted (and clipped back into the band)
+until the parameter-weighted mean sparsity is S. Unstructured patterns only.
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ def outlier_ratio(scores: np.ndarray, m: float) -> float:
 
 
 def owl_sparsities(ratios: np.ndarray, params: np.ndarray, target: float, lam: float) -> np.ndarray:
-    """Per-layer sparsity: more outliers, less sparsity; weighted mean equals `target`."""
+    """Per-layer sparsity: more outliers, less sparsity; within [S−λ, S+λ], weighted mean S."""
     spread = ratios.max() - ratios.min()
     keep_bonus = (ratios - ratios.min()) / spread * 2 * lam if spread > 0 else np.zeros_like(ratios)
     sparsity = target + lam - keep_bonus  # in [target − λ, target + λ]
-    sparsity += target - float((sparsity * params).sum() / params.sum())
-    return np.clip(sparsity, 0.0, 0.99)
+    low, high = max(target - lam, 0.0), min(target + lam, 0.99)
+    for _ in range(50):  # shift to the exact mean, clip to the band, repeat (a projection)
+        sparsity = np.clip(sparsity + target - float((sparsity * params).sum() / params.sum()), low, high)
+    return sparsity
 
 
 @dataclass

@@ -15,6 +15,13 @@ def test_owl_sparsities_keep_weighted_mean_and_order():
     assert abs((s * params).sum() / params.sum() - 0.6) < 1e-12
     assert list(np.argsort(s)) == list(np.argsort(-ratios))  # more outliers, less sparsity
     assert s.max() - s.min() <= 2 * 0.08 + 1e-12
+    assert s.min() >= 0.6 - 0.08 - 1e-12 and s.max() <= 0.6 + 0.08 + 1e-12
+
+
+def test_owl_band_holds_when_one_big_layer_dominates():
+    s = owl_sparsities(np.array([0.0, 0.1, 0.2]), np.array([10.0, 10.0, 10000.0]), 0.6, 0.08)
+    assert s.max() <= 0.68 + 1e-12 and s.min() >= 0.52 - 1e-12
+    assert abs((s * [10, 10, 10000]).sum() / 10020 - 0.6) < 1e-3
 
 
 def test_outlier_ratio_counts_scores_above_m_times_mean():
