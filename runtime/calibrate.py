@@ -58,6 +58,11 @@ def collect_stats(model: onnx.ModelProto, store: TensorStore, layers: list[Layer
                   settings: CalibrationSettings, gram_for: set[str] = frozenset()) -> CalibrationStats:
     """Statistics of every layer's input over all calibration samples."""
     start = time.perf_counter()
+    if not settings.fixed_shapes:  # symbolic dims as 1: ranks then come from inference, not a run
+        from sparsec.macs import fixed_input_shapes
+
+        settings = CalibrationSettings(settings.data, settings.batch, settings.providers,
+                                       settings.progress, fixed_input_shapes(model, {}))
     types = infer_types(model, settings.fixed_shapes)
     nodes = model.graph.node
     ranks = {name: rank for name, (_, rank) in types.items()}
