@@ -64,6 +64,16 @@ def nm_prune(values: np.ndarray, n: int, m: int, axis: int, scores: np.ndarray |
 def _nm_block(s: np.ndarray, n: int, m: int) -> np.ndarray:
     # rank[i] = how many members beat member i; one comparison settles each pair, and on a
     # tie the earlier member wins. A member is kept when fewer than n beat it.
+    if s.shape[2] < 16:  # members m apart in memory: compare contiguous copies instead
+        t = np.ascontiguousarray(s.transpose(1, 0, 2))
+        ranks = np.zeros(t.shape, dtype=np.uint8)
+        for i in range(m):
+            for j in range(i + 1, m):
+                later_wins = t[j] > t[i]
+                ranks[i] += later_wins
+                np.logical_not(later_wins, out=later_wins)
+                ranks[j] += later_wins
+        return (ranks < n).transpose(1, 0, 2)
     ranks = np.zeros(s.shape, dtype=np.uint8)
     for i in range(m):
         for j in range(i + 1, m):
