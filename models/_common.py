@@ -45,3 +45,14 @@ def finalize(graph: onnx.GraphProto, producer: str = "sparsec.models") -> onnx.M
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique non-empty name, deterministically (keeps the exporter's names)."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)

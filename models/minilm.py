@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sparsec.models._common import name_nodes
 
 EXPORTERS = ("dynamo", "torchscript")
 OPSET = 17
@@ -96,23 +97,13 @@ def export_minilm(path: Path, exporter: str = "dynamo") -> Path:
             model = onnx.load(str(staged), load_external_data=True)
         finally:
             quiet.setLevel(level)
-    _name_nodes(model)
+    name_nodes(model)
     onnx.checker.check_model(model)
     partial = path.with_name(path.name + ".partial")
     onnx.save(model, str(partial))
     partial.replace(path)  # atomic: a crashed export never leaves a cached half file
     return path
 
-
-def _name_nodes(model: Any) -> None:
-    """Give every node a unique non-empty name, deterministically."""
-    seen: set[str] = set()
-    for i, node in enumerate(model.graph.node):
-        name = node.name or f"{node.op_type}_{i}"
-        while name in seen:
-            name = f"{name}_{i}"
-        node.name = name
-        seen.add(name)
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:

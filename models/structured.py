@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from sparsec.models._common import name_nodes
 
 from ._common import IR_VERSION
 
@@ -126,16 +127,6 @@ def _fold_constants(model: onnx.ModelProto) -> None:
     graph.value_info.extend(keep_vi)
 
 
-def _name_nodes(model: onnx.ModelProto) -> None:
-    """Give every node a unique non-empty name, deterministically (keeps the exporter's names)."""
-    seen: set[str] = set()
-    for i, node in enumerate(model.graph.node):
-        name = node.name or f"{node.op_type}_{i}"
-        while name in seen:
-            name = f"{name}_{i}"
-        node.name = name
-        seen.add(name)
-
 
 def export_structured(name: str, seed: int = 0, **kwargs: Any) -> onnx.ModelProto:
     """Export ``torch_reference(name, seed, **kwargs)`` with BN unfused; see the module docstring."""
@@ -161,7 +152,7 @@ def export_structured(name: str, seed: int = 0, **kwargs: Any) -> onnx.ModelProt
         )
     model = onnx.load_from_string(buf.getvalue())
     _fold_constants(model)
-    _name_nodes(model)
+    name_nodes(model)
     model.ir_version = IR_VERSION
     model.producer_name = "sparsec.models"
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)

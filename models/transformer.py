@@ -20,6 +20,7 @@ import warnings
 from typing import Any
 
 import onnx
+from sparsec.models._common import name_nodes
 
 MAX_POSITIONS = 128
 
@@ -78,16 +79,6 @@ def _make_module(layers: int, d_model: int, heads: int, ffn: int, vocab: int) ->
     return encoder
 
 
-def _name_nodes(model: onnx.ModelProto) -> None:
-    """Give every node a unique non-empty name, deterministically (keeps good existing ones)."""
-    seen: set[str] = set()
-    for i, node in enumerate(model.graph.node):
-        name = node.name or f"{node.op_type}_{i}"
-        while name in seen:
-            name = f"{name}_{i}"
-        node.name = name
-        seen.add(name)
-
 
 def build_transformer_encoder(
     seed: int = 0,
@@ -134,6 +125,6 @@ def build_transformer_encoder(
         path = pathlib.Path(tmp) / "encoder.onnx"
         torch.onnx.export(module, args, str(path), **kwargs)
         model = onnx.load(str(path), load_external_data=True)
-    _name_nodes(model)
+    name_nodes(model)
     onnx.checker.check_model(model, full_check=True)
     return model

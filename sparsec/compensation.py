@@ -15,7 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from sparsec.channels import ChannelAnalysis
-from sparsec.tensors import TensorStore, external_info, iter_tensors
+from sparsec.tensors import TensorStore, inline_copy
 from sparsec.weights import GraphIndex
 
 
@@ -24,19 +24,6 @@ class Compensation:
     constants: dict[tuple[int, int], float]  # (consumer node, position) -> carried value
     varying: dict[str, float]  # consumer -> largest deviation of a removed channel from its constant
     masked: onnx.ModelProto  # the oracle: dense model with the removed filters zeroed
-
-
-def inline_copy(model: onnx.ModelProto, store: TensorStore) -> onnx.ModelProto:
-    """A self-contained copy (values inside the protobuf)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for tensor in iter_tensors(copy.graph):
-        if external_info(tensor) is not None:
-            values = store.read(tensor)
-            tensor.ClearField("external_data")
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = np.ascontiguousarray(values).tobytes()
-    return copy
 
 
 def masked_model(model: onnx.ModelProto, store: TensorStore, analysis: ChannelAnalysis,

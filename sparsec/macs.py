@@ -12,7 +12,7 @@ import onnx
 
 from sparsec.errors import SparsecError
 from sparsec.layers import Layer
-from sparsec.tensors import TensorStore, external_info, iter_tensors
+from sparsec.tensors import TensorStore, inline_copy
 
 _LARGE = 64  # initializers above this many elements are never shape data
 
@@ -106,14 +106,7 @@ def observe_shapes(model: onnx.ModelProto, store: TensorStore, fixed: dict[str, 
     """
     if not names:
         return {}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    for tensor in iter_tensors(probe.graph):
-        if external_info(tensor) is not None:
-            values = store.read(tensor)
-            tensor.ClearField("external_data")
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = values.tobytes()
+    probe = inline_copy(model, store)
     if probe.ByteSize() >= 2**31:
         return {}
     existing = {o.name for o in probe.graph.output}

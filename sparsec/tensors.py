@@ -114,6 +114,20 @@ class TensorStore:
         self.base_dir = model_path.parent
 
 
+def inline_copy(model: onnx.ModelProto, store: TensorStore) -> onnx.ModelProto:
+    """A self-contained copy of the model: every value inside the protobuf (for onnxruntime
+    sessions built from bytes, and for masked twins)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in iter_tensors(copy.graph):
+        if external_info(tensor) is not None:
+            values = store.read(tensor)
+            tensor.ClearField("external_data")
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = np.ascontiguousarray(values).tobytes()
+    return copy
+
+
 def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Initializers and Constant-node tensors, subgraphs included."""
     yield from graph.initializer

@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import onnx
 
-from sparsec.compensation import inline_copy
 from sparsec.options import CompileOptions
 from sparsec.structured import StructuredPlan, plan_structured
-from sparsec.tensors import TensorStore
+from sparsec.tensors import TensorStore, inline_copy
 from sparsec.transformer_plan import HeadPlan, cost_model, masked_heads, plan_heads
 
 FFN_OPS = ("MatMul", "Gemm")
