@@ -24,7 +24,6 @@ class ChannelChoice:
     removed: frozenset[int]
     kept_per_source: dict[str, int]
     scores: dict[str, list[float]]  # source -> normalised score per channel
-    score_notes: dict[str, str]  # source -> e.g. "no BatchNormalization: scored by l1"
 
 
 def filter_scores(model: onnx.ModelProto, store: TensorStore, analysis: ChannelAnalysis,
@@ -89,7 +88,7 @@ def choose_channels(analysis: ChannelAnalysis, scores: dict[str, np.ndarray], ra
     if round_to > 1:
         removed = _round(removed, classes, src_of, kept, unit_score, round_to)
     elems = frozenset(e for c in removed for e in classes[c])
-    return ChannelChoice(elems, kept, {n: s.tolist() for n, s in scores.items()}, {})
+    return ChannelChoice(elems, kept, {n: s.tolist() for n, s in scores.items()})
 
 
 def _round(removed, classes, src_of, kept, unit_score, k):

@@ -43,25 +43,25 @@ def plan_structured(model: onnx.ModelProto, store: TensorStore, options: Compile
     analysis = analyse_channels(model, shapes, infer_ranks(model, fixed))
     stats = None
     score = score or options.channel_score
+    consumers = consumer_layers(model, analysis)  # one find_layers for scoring and recovery
     if settings is not None and (score == "act" or options.recover):
         from sparsec.runtime.calibrate import collect_stats
 
-        layers = list(consumer_layers(model, analysis).values())
+        layers = list(consumers.values())
         stats = collect_stats(model, store, layers, settings,
                               {la.name for la in layers} if options.recover else set())
-    energy = _act_energy(model, store, analysis, stats) if score == "act" else None
+    energy = _act_energy(model, store, analysis, consumers, stats) if score == "act" else None
     scores, notes = filter_scores(model, store, analysis, score, energy)
     choice = choose_channels(analysis, scores, ratio if ratio is not None else options.channels or 0.0,
                              options.channels_per_layer_max, options.round_to, ops)
     compensation = compute_compensation(model, store, analysis, choice.removed, fixed, options.seed)
-    recovery = _recover(model, store, analysis, choice, stats) if options.recover else {}
+    recovery = _recover(model, store, analysis, consumers, choice, stats) if options.recover else {}
     return StructuredPlan(analysis, choice, compensation, notes, recovery)
 
 
-def _act_energy(model, store, analysis: ChannelAnalysis, stats) -> dict[int, float]:
+def _act_energy(model, store, analysis: ChannelAnalysis, layers: dict, stats) -> dict[int, float]:
     """Σ over consumers of ‖X_c‖² · ‖W[:, c]‖²: how much each channel feeds the next layers."""
     index = GraphIndex(model.graph)
-    layers = consumer_layers(model, analysis)
     energy: dict[int, float] = {}
     for a in analysis.actions:
         layer = layers.get(a.node)
@@ -74,7 +74,8 @@ def _act_energy(model, store, analysis: ChannelAnalysis, stats) -> dict[int, flo
     return {e: float(np.sqrt(v)) for e, v in energy.items()}
 
 
-def _recover(model, store, analysis: ChannelAnalysis, choice: ChannelChoice, stats) -> dict[int, dict]:
+def _recover(model, store, analysis: ChannelAnalysis, layers: dict, choice: ChannelChoice,
+             stats) -> dict[int, dict]:
     """Least-squares refit of each consumer on the channels it keeps (ridge, with intercept).
 
     Removed inputs are predicted from kept ones, X_r ≈ X_k·T + t₀, from the calibration
@@ -83,7 +84,6 @@ def _recover(model, store, analysis: ChannelAnalysis, choice: ChannelChoice, sta
     channel map is applied at every kernel position (per-channel Gram).
     """
     index = GraphIndex(model.graph)
-    layers = consumer_layers(model, analysis)
     out = {}
     for a in analysis.actions:
         layer = layers.get(a.node)

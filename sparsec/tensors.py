@@ -84,12 +84,7 @@ class TensorStore:
 
     def materialize(self, model: onnx.ModelProto) -> None:
         """Bring every value into the protobuf (for tools that need a self-contained model)."""
-        for tensor in iter_tensors(model.graph):
-            if external_info(tensor) is not None:
-                values = self.read(tensor)
-                tensor.ClearField("external_data")
-                tensor.data_location = onnx.TensorProto.DEFAULT
-                tensor.raw_data = np.ascontiguousarray(values).tobytes()
+        _inline_external(model, self)
         self._pending.clear()
 
     def has_external(self, model: onnx.ModelProto) -> bool:
@@ -119,13 +114,21 @@ def inline_copy(model: onnx.ModelProto, store: TensorStore) -> onnx.ModelProto:
     sessions built from bytes, and for masked twins)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    for tensor in iter_tensors(copy.graph):
+    _inline_external(copy, store)
+    return copy
+
+
+def _inline_external(model: onnx.ModelProto, store: TensorStore) -> None:
+    """Move every external tensor's values into the protobuf, in place.
+
+    Values come from the files (the store's pending rewrites are keyed by the original
+    tensors, so call this on a copy only before any pass has rewritten weights)."""
+    for tensor in iter_tensors(model.graph):
         if external_info(tensor) is not None:
             values = store.read(tensor)
             tensor.ClearField("external_data")
             tensor.data_location = onnx.TensorProto.DEFAULT
             tensor.raw_data = np.ascontiguousarray(values).tobytes()
-    return copy
 
 
 def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
