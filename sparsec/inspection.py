@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from sparsec.graph import load_model
 from sparsec.layers import find_layers
 from sparsec.macs import all_layer_macs, fixed_input_shapes
 from sparsec.masks import satisfies_nm
-from sparsec.report import _count
+from sparsec.report import _count, strict_json
 from sparsec.selection import nm_skip_reason
 from sparsec.weights import GraphIndex, to_effective
 
@@ -49,7 +48,7 @@ class InspectReport:
         return asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.as_dict(), indent=2)
+        return strict_json(self.as_dict())
 
 
 def inspect_model(model_path: str | Path, shapes: dict[str, tuple[int, ...]] | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +54,26 @@ def parse_shapes(items: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...
         if not name or parsed is None or any(d < 1 for d in parsed):
             raise SparsecError(f"--shape {item!r} is not NAME=d0,d1,... with positive dims",
                                "e.g. --shape input_ids=1,128")
+        _check_input_size(item, parsed)
         shapes[name] = parsed
     return shapes
+
+
+def _check_input_size(item: str, dims: tuple[int, ...]) -> None:
+    """Refuse a shape whose one input would not fit in a quarter of this machine's memory."""
+    nbytes = math.prod(dims) * 8  # the widest input dtype sparsec draws (int64/double)
+    limit = _physical_memory() // 4
+    if nbytes > limit:
+        raise SparsecError(f"--shape {item!r}: one such input takes {nbytes / 2**30:.1f} GiB, more than "
+                           f"a quarter of this machine's {4 * limit / 2**30:.0f} GiB",
+                           "give smaller dims (the batch size does not change what is pruned)")
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * 2**30
 
 
 @dataclass(frozen=True)

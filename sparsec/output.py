@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -29,6 +30,8 @@ def check_output_dir(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> 
         raise SparsecError(f"output {out} exists and is not a directory", "choose another -o")
     if out.exists() and not force:
         raise SparsecError(f"output directory {out} already exists", "pass --force to overwrite it")
+    if out.is_dir() and force:
+        _check_ours(out)
     parent = out.parent
     if parent.exists() and not parent.is_dir():
         raise SparsecError(f"cannot write {out}: {parent} is not a directory", "choose another -o")
@@ -38,6 +41,29 @@ def check_output_dir(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> 
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SparsecError(f"cannot write {out}: no write permission in {parent}",
                            "choose a writable -o")
+
+
+def _check_ours(out: Path) -> None:
+    """--force replaces only an empty directory or one sparsec wrote: a sparsec report.json and
+    nothing but sparsec's outputs (an engine built beside them included). Anything else is refused."""
+    from sparsec.encoding import CONTAINER, SKELETON
+    from sparsec.graph import EXTERNAL_DATA_NAME
+
+    entries = sorted(out.iterdir())
+    if not entries:
+        return
+    try:
+        ours = "sparsec_version" in json.loads((out / "report.json").read_text())
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise SparsecError(f"--force refuses to replace {out}: it has no report.json written by sparsec",
+                           "remove the directory yourself or choose another -o")
+    known = {"model.onnx", "report.json", CONTAINER, SKELETON, EXTERNAL_DATA_NAME}
+    for entry in entries:
+        if not entry.is_file() or (entry.name not in known and entry.suffix != ".engine"):
+            raise SparsecError(f"--force refuses to replace {out}: {entry} was not written by sparsec",
+                               "move it out or choose another -o")
 
 
 @contextlib.contextmanager
@@ -54,6 +80,11 @@ def staged_dir(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> Iterat
     try:
         yield tmp
         _replace(tmp, out)
+    except SparsecError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # the staging folder is gone: name the output the user asked for instead
+        exc.args = tuple(str(a).replace(str(tmp), str(out)) for a in exc.args)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

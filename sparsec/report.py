@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -56,7 +57,24 @@ class Report:
         return asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.as_dict(), indent=2, sort_keys=False)
+        return strict_json(self.as_dict())
+
+
+def strict_json(obj: Any) -> str:
+    """JSON that every parser reads: NaN and ±Inf (from NaN weights or degenerate outputs) become null."""
+    return json.dumps(_finite(obj), indent=2, sort_keys=False, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalar
+        return _finite(obj.item())
+    return obj
 
 
 def totals(layers: list[LayerEntry], weight_bytes: dict[str, int]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ rewritten ones aside, and `save_model` streams every tensor into the new data fi
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,30 @@ from sparsec.errors import SparsecError
 
 INLINE_LIMIT = 1024  # bytes; smaller tensors stay inside the .onnx when writing external data
 ALIGN = 64
+
+
+def external_path(base_dir: Path, tensor: onnx.TensorProto) -> Path:
+    """The external data file of `tensor`, refused unless it lies inside `base_dir`.
+
+    onnxruntime rejects absolute locations, `..` and symlinks out of the model's folder; sparsec
+    refuses them before opening anything, so a model file can never make it read elsewhere."""
+    info = external_info(tensor) or {}
+    location = info.get("location", "")
+    fix = "external data must be a relative path inside the model's folder"
+    if not location or location.startswith(("/", "\\")) or Path(location).is_absolute() \
+            or re.match(r"^[A-Za-z]:", location):
+        raise SparsecError(f"tensor {tensor.name!r}: external data location {location!r} is not a "
+                           "relative path", fix)
+    parts = Path(location.replace("\\", "/")).parts
+    if any(part == ".." for part in parts):
+        raise SparsecError(f"tensor {tensor.name!r}: external data location {location!r} leaves the "
+                           "model's folder", fix)
+    base = Path(base_dir).resolve()
+    path = (base / location).resolve()
+    if base != path and base not in path.parents:
+        raise SparsecError(f"tensor {tensor.name!r}: external data location {location!r} resolves "
+                           f"outside the model's folder (symlink to {path})", fix)
+    return path
 
 
 def external_info(tensor: onnx.TensorProto) -> dict[str, str] | None:
@@ -44,7 +69,7 @@ class TensorStore:
         if info is not None:
             offset = int(info.get("offset", 0))
             count = math.prod(dims)
-            with open(self.base_dir / info["location"], "rb") as f:
+            with open(external_path(self.base_dir, tensor), "rb") as f:
                 f.seek(offset)
                 arr = np.fromfile(f, dtype=dtype, count=count)
             if arr.size != count:
@@ -86,6 +111,22 @@ class TensorStore:
         """Bring every value into the protobuf (for tools that need a self-contained model)."""
         _inline_external(model, self)
         self._pending.clear()
+
+    def inline_small(self, model: onnx.ModelProto) -> None:
+        """Bring external tensors under INLINE_LIMIT bytes into the protobuf, in place.
+
+        Exporters may put even shape constants in the .data file; ONNX shape inference and
+        onnxruntime read shape inputs only from the protobuf, and so does every analysis that
+        reads small constants (Reshape targets, Split sizes). Weights stay on disk."""
+        for tensor in iter_tensors(model.graph):
+            if external_info(tensor) is None or id(tensor) in self._pending or not _has_values(tensor):
+                continue
+            nbytes = math.prod(tensor.dims) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            if nbytes < INLINE_LIMIT:
+                values = self.read(tensor)
+                tensor.ClearField("external_data")
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                tensor.raw_data = np.ascontiguousarray(values).tobytes()
 
     def has_external(self, model: onnx.ModelProto) -> bool:
         return any(external_info(t) is not None for t in iter_tensors(model.graph))

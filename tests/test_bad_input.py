@@ -165,7 +165,7 @@ def test_compile_corrupt_tensor_data(tmp_path: Path):
 
 
 def test_inspect_corrupt_tensor_data(tmp_path: Path):
-    assert_one_line_error(invoke("inspect", _corrupt_tensor_model(tmp_path)), "'W'")
+    assert_one_line_error(invoke("inspect", _corrupt_tensor_model(tmp_path)), "tensor name: W")
 
 
 def _missing_external_data_model(d: Path) -> Path:

@@ -1,0 +1,172 @@
+"""Inputs that must be refused before any work: external data outside the model's folder, declared
+sizes that do not match, structurally invalid graphs (whatever --no-verify says), huge --shape; and
+outputs that must stay well formed (strict JSON, error messages naming the user's paths)."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from cli_helpers import assert_failed_cleanly, compile_cli
+from onnx import TensorProto, helper, numpy_helper
+
+from sparsec.errors import SparsecError
+from sparsec.output import staged_dir
+
+F32 = TensorProto.FLOAT
+
+
+def _matmul_model(w: np.ndarray | None = None) -> onnx.ModelProto:
+    w = np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32) if w is None else w
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", F32, [1, w.shape[0]])],
+        [helper.make_tensor_value_info("y", F32, [1, w.shape[1]])],
+        [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _external(model_dir: Path, location: str, dims: tuple[int, ...] = (32, 32),
+              length: int | None = None) -> Path:
+    """A MatMul model whose weight W points at `location` (written by hand, as an attacker would)."""
+    model = _matmul_model()
+    w = model.graph.initializer[0]
+    w.ClearField("raw_data")
+    del w.dims[:]
+    w.dims.extend(dims)
+    w.data_location = TensorProto.EXTERNAL
+    nbytes = int(np.prod(dims)) * 4 if length is None else length
+    for key, value in (("location", location), ("offset", "0"), ("length", str(nbytes))):
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    path = model_dir / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> Path:
+    """A file outside the model's folder, large enough to satisfy the declared tensor."""
+    path = tmp_path / "secret.bin"
+    path.write_bytes(b"S" * 8192)
+    return path
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every path opened through Python's open() during the test."""
+    paths: list[str] = []
+    real_open = builtins.open
+
+    def spy(file, *args, **kwargs):
+        paths.append(os.path.realpath(file) if isinstance(file, (str, os.PathLike)) else str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+@pytest.mark.parametrize("command", ["compile", "inspect"])
+def test_external_data_outside_the_model_folder_is_refused_unread(
+        tmp_path: Path, secret: Path, opened: list[str], kind: str, command: str) -> None:
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    if kind == "symlink":
+        (model_dir / "w.data").symlink_to(secret)
+        location = "w.data"
+    else:
+        location = "../secret.bin" if kind == "dotdot" else str(secret)
+    model = _external(model_dir, location)
+    out = tmp_path / "out"
+    if command == "compile":
+        result = compile_cli(model, "--nm", "2:4", "--no-verify", "-o", out)
+        line = assert_failed_cleanly(result, out, "'W'", "model's folder")
+    else:
+        from cli_helpers import assert_one_line_error, invoke
+
+        line = assert_one_line_error(invoke("inspect", model), "'W'")
+    assert "external data" in line
+    assert str(secret.resolve()) not in opened
+
+
+def test_declared_size_must_match_the_shape(tmp_path: Path) -> None:
+    (tmp_path / "w.data").write_bytes(b"\0" * 4096)
+    model = _external(tmp_path, "w.data", length=100)
+    out = tmp_path / "out"
+    assert_failed_cleanly(compile_cli(model, "--nm", "2:4", "-o", out), out, "'W'", "needs 4096")
+
+
+def test_a_huge_declared_tensor_is_refused_before_reading(tmp_path: Path) -> None:
+    """100k x 100k floats (40 GB) declared over a 4 KB file: refused from the file size, nothing read."""
+    (tmp_path / "w.data").write_bytes(b"\0" * 4096)
+    model = _external(tmp_path, "w.data", dims=(100_000, 100_000))
+    out = tmp_path / "out"
+    assert_failed_cleanly(compile_cli(model, "--nm", "2:4", "-o", out), out, "truncated")
+
+
+def test_a_huge_shape_is_a_one_line_error(tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    onnx.save(_matmul_model(), str(model))
+    out = tmp_path / "out"
+    assert_failed_cleanly(compile_cli(model, "--nm", "2:4", "--shape", "x=100000000000,32", "-o", out),
+                          out, "--shape", "GiB")
+
+
+def _invalid(kind: str) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", F32, [1, 32])
+    y = helper.make_tensor_value_info("y", F32, [1, 32])
+    w = numpy_helper.from_array(np.ones((32, 32), np.float32), "W")
+    if kind == "cycle":
+        nodes = [helper.make_node("MatMul", ["b", "W"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+                 helper.make_node("Add", ["x", "b"], ["y"])]
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Relu", ["x"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if kind == "no-opset":
+        del model.opset_import[:]
+        del model.graph.node[1]
+    return model
+
+
+@pytest.mark.parametrize("kind", ["cycle", "duplicate-producer", "no-opset"])
+def test_invalid_graphs_are_refused_even_without_verify(tmp_path: Path, kind: str) -> None:
+    model = tmp_path / "bad.onnx"
+    model.write_bytes(_invalid(kind).SerializeToString())
+    out = tmp_path / "out"
+    assert_failed_cleanly(compile_cli(model, "--nm", "2:4", "--no-verify", "-o", out), out,
+                          "not a valid ONNX model")
+
+
+def test_report_is_strict_json_with_nan_weights(tmp_path: Path) -> None:
+    w = np.random.default_rng(1).standard_normal((32, 32)).astype(np.float32)
+    w[3, 5] = np.nan
+    w[7, 1] = np.inf
+    model = tmp_path / "nan.onnx"
+    onnx.save(_matmul_model(w), str(model))
+    out = tmp_path / "out"
+    result = compile_cli(model, "--nm", "2:4", "-o", out)
+    assert result.exit_code == 0, result.stderr
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"report.json holds {token}, which is not JSON")
+
+    json.loads((out / "report.json").read_text(), parse_constant=refuse)
+
+
+def test_errors_name_the_output_not_the_staging_folder(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(SparsecError) as info, staged_dir(out, force=False) as tmp:
+        raise SparsecError(f"cannot verify {tmp / 'model.onnx'}")
+    assert str(out / "model.onnx") in str(info.value)
+    assert ".tmp-" not in str(info.value)
+    assert not out.exists()
