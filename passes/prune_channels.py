@@ -14,6 +14,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from sparsec.channels import Action, ChannelAnalysis
+from sparsec.names import FreshNames
 from sparsec.pipeline import PassContext, PassResult
 from sparsec.weights import GraphIndex
 
@@ -62,9 +63,11 @@ class _Editor:
         self.nodes = ctx.model.graph.node
         self.inserts: list[tuple[int, onnx.NodeProto]] = []
         self.out_keep: dict[int, np.ndarray] = {}
+        self.names = FreshNames(ctx.model.graph)
 
     def _add_initializer(self, node: onnx.NodeProto, k: int, array: np.ndarray, name: str) -> None:
         """A new constant read by `node` alone, known to the index from now on."""
+        name = self.names(name)
         self.ctx.model.graph.initializer.append(numpy_helper.from_array(array, name))
         self.index.initializers[name] = self.ctx.model.graph.initializer[-1]
         self.index.consumers[name] = [node]
@@ -95,6 +98,10 @@ class _Editor:
                 from sparsec.weights import to_effective
 
                 values = np.ascontiguousarray(to_effective(values, src.steps))
+                casts = [s for s in src.steps if s.op == "Cast"]  # the copy bypasses the path
+                if casts:
+                    to = next(a.i for a in self.nodes[casts[-1].node_index].attribute if a.name == "to")
+                    values = values.astype(helper.tensor_dtype_to_np_dtype(to))
             self._add_initializer(node, k, values, f"{name}__{node.name or node.op_type}_pruned")
             return self.ctx.model.graph.initializer[-1]
         return self.index.constant(src)
@@ -212,18 +219,19 @@ class _Editor:
             return
         dtype = onnx.helper.tensor_dtype_to_np_dtype(
             self.index.constant(self.index.resolve(node.input[1])).data_type)
-        name = f"{node.name or node.op_type}__compensation"
+        base = f"{node.name or node.op_type}__compensation"
         if k is not None:
-            self._add_initializer(node, k, delta.astype(dtype), name)
+            self._add_initializer(node, k, delta.astype(dtype), base)
             return
+        name = self.names(base)
         self.ctx.model.graph.initializer.append(numpy_helper.from_array(delta.astype(dtype), name))
         if position in self.out_keep:  # the new Add sits after this node's own pruned outputs
             delta = delta[self.out_keep[position]]
             self.ctx.model.graph.initializer[-1].CopyFrom(numpy_helper.from_array(delta.astype(dtype), name))
         out = node.output[0]  # MatMul: an Add after it, keeping the output name downstream
-        node.output[0] = f"{out}__before_compensation"
+        node.output[0] = self.names(f"{out}__before_compensation")
         self.inserts.append((position, helper.make_node(
-            "Add", [node.output[0], name], [out], name=f"{node.name}__compensation")))
+            "Add", [node.output[0], name], [out], name=self.names(base))))
 
     def finish(self) -> None:
         """Insert new nodes after their producers (indices stay valid until now)."""

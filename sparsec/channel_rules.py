@@ -56,7 +56,7 @@ def _own_weight(state: State, name: str) -> np.ndarray | None:
     src = state.index.resolve(name)
     if src is None or src.steps:
         return None
-    return onnx.numpy_helper.to_array(state.index.constant(src))
+    return state.store.read(state.index.constant(src))
 
 
 def conv(state: State, i: int, node: onnx.NodeProto) -> None:
@@ -95,9 +95,14 @@ def gemm(state: State, i: int, node: onnx.NodeProto) -> None:
     x = state.layouts.get(node.input[0])
     trans_a, trans_b = int(_attr(node, "transA") or 0), int(_attr(node, "transB") or 0)
     if w is None or trans_a:
-        if x is not None:
-            state.block(x.elems, f"{_name(state, i)}: weight not prunable or transA=1")
+        for name in node.input:  # channels may arrive on A, on B (a constant A) or on C
+            if name in state.layouts:
+                state.block(state.layouts[name].elems,
+                            f"{_name(state, i)}: Gemm reads channels with a constant A, transA=1 "
+                            "or a weight that is not its own")
         return
+    if len(node.input) > 2 and node.input[2] in state.layouts:
+        state.block(state.layouts[node.input[2]].elems, f"{_name(state, i)}: channels arrive on C")
     if x is not None:
         state.actions.append(Action("consumer", i, tuple(x.elems), {"input": 1, "axis": 1 if trans_b else 0}))
     elems = state.new_elements(i, "Gemm", w.shape[0 if trans_b else 1])
@@ -176,13 +181,16 @@ def elementwise(state: State, i: int, node: onnx.NodeProto) -> None:
         if layout is not None:
             continue
         value = state.constant(name)
-        shape = value.shape if value is not None else state.shapes.get(name)
+        shape = value.shape if value is not None else state.shapes.get(name) or state.dims.get(name)
         if shape is None:
             state.block(everything, f"{_name(state, i)}: input {name} has an unknown shape")
             return
         at = axis - (out_rank - len(shape))
         if at < 0 or shape[at] == 1:
             continue
+        if shape[at] is None:
+            state.block(everything, f"{_name(state, i)}: input {name} has an unknown channel size")
+            return
         if value is None or shape[at] != len(base.elems):
             state.block(everything, f"{_name(state, i)}: input {name} carries channels that stay")
             return
@@ -205,8 +213,8 @@ def concat(state: State, i: int, node: onnx.NodeProto) -> None:
         if L is not None and L.axis == axis:
             parts.append(L.elems)
             continue
-        shape = state.shapes.get(name)
-        if shape is None:
+        shape = state.shapes.get(name) or state.dims.get(name)
+        if shape is None or shape[axis] is None:
             state.block(np.concatenate([k.elems for k in known]), f"{_name(state, i)}: unknown input {name}")
             return
         fixed = state.new_elements(i, "fixed", shape[axis])

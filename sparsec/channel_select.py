@@ -74,14 +74,17 @@ def choose_channels(analysis: ChannelAnalysis, scores: dict[str, np.ndarray], ra
     floor = {s.name: max(1, round_to) if round_to > 1 else 1 for s in analysis.sources}
     limit = {s.name: int(per_layer_max * s.channels) for s in analysis.sources}
     removed_from = dict.fromkeys(kept, 0)
+    segments = _Segments(analysis, max(1, round_to))
     target = int(round(ratio * len(classes)))
     removed: list[int] = []
     for c in sorted(classes, key=lambda c: (unit_score[c], c)):
         if len(removed) >= target:
             break
         count = _per_source(classes[c], src_of)
-        if all(kept[n] - k >= floor[n] and removed_from[n] + k <= limit[n] for n, k in count.items()):
+        if all(kept[n] - k >= floor[n] and removed_from[n] + k <= limit[n] for n, k in count.items()) \
+                and segments.can_remove(classes[c]):
             removed.append(c)
+            segments.remove(classes[c])
             for n, k in count.items():
                 kept[n] -= k
                 removed_from[n] += k
@@ -89,6 +92,35 @@ def choose_channels(analysis: ChannelAnalysis, scores: dict[str, np.ndarray], ra
         removed = _round(removed, classes, src_of, kept, unit_score, round_to)
     elems = frozenset(e for c in removed for e in classes[c])
     return ChannelChoice(elems, kept, {n: s.tolist() for n, s in scores.items()})
+
+
+class _Segments:
+    """Every tensor that carries channels (a Split branch, a Concat input, a depthwise conv's
+    input) keeps at least `floor` of them, or all it has when it has fewer: an emptied branch
+    would leave zero-size weights that TensorRT refuses."""
+
+    def __init__(self, analysis: ChannelAnalysis, floor: int) -> None:
+        unique = {frozenset(int(e) for e in lay.elems) for lay in analysis.layouts.values()}
+        self.kept = [len(seg) for seg in unique]
+        self.floor = [min(floor, len(seg)) for seg in unique]
+        self.of: dict[int, list[int]] = {}
+        for i, seg in enumerate(unique):
+            for e in seg:
+                self.of.setdefault(e, []).append(i)
+
+    def _count(self, members: list[int]) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for e in members:
+            for i in self.of.get(e, ()):
+                out[i] = out.get(i, 0) + 1
+        return out
+
+    def can_remove(self, members: list[int]) -> bool:
+        return all(self.kept[i] - k >= self.floor[i] for i, k in self._count(members).items())
+
+    def remove(self, members: list[int]) -> None:
+        for i, k in self._count(members).items():
+            self.kept[i] -= k
 
 
 def _round(removed, classes, src_of, kept, unit_score, k):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from sparsec.layers import LayerAnalysis, find_layers
+from sparsec.layers import Layer, LayerAnalysis, find_layers
 from sparsec.macs import all_layer_macs
 from sparsec.pipeline import PassContext
 from sparsec.report import LayerEntry, Report, totals
@@ -16,11 +16,10 @@ def structured_section(report: Report, ctx: PassContext, plan, old: LayerAnalysi
     """Replace the weight-pruning layer table by before/after shapes, params and MACs."""
     new = find_layers(ctx.model)
     new_macs = all_layer_macs(ctx.model, ctx.store, new.layers, fixed)
-    before = {la.name: la for la in old.layers}
     index = GraphIndex(ctx.model.graph)
     entries, weight_bytes = [], {}
     for layer in new.layers:
-        was = before.get(layer.name)
+        was = _before(old, layer)
         params_before = was.params if was else layer.params
         changed = layer.params != params_before
         weight_bytes[layer.weight] = layer.params * ctx.store.read(index.constant(layer.source)).itemsize
@@ -28,8 +27,9 @@ def structured_section(report: Report, ctx: PassContext, plan, old: LayerAnalysi
         entries.append(LayerEntry(
             name=layer.name, op=layer.op, weight=layer.weight, shape=list(layer.shape),
             reduction_axis=layer.reduction_axis, pattern="channels" if changed else "dense",
-            sparsity=1.0 - layer.params / params_before, params=params_before, nonzeros=layer.params,
-            macs_dense=old_macs.get(layer.name), macs_nonzero=new_macs.get(layer.name),
+            sparsity=1.0 - layer.params / params_before if params_before else 0.0,
+            params=params_before, nonzeros=layer.params,
+            macs_dense=old_macs.get(was.name if was else layer.name), macs_nonzero=new_macs.get(layer.name),
             skipped_reason=None if changed else "no channel of this layer was removed",
             method="structured" if changed else None,
             rel_error=recovery["error_after"] if recovery else None,
@@ -41,6 +41,20 @@ def structured_section(report: Report, ctx: PassContext, plan, old: LayerAnalysi
     report.totals = totals(entries, weight_bytes)
     report.totals["weights_after"] = sum(e.nonzeros for e in entries)
     report.channels = _channels(plan) if plan else None
+
+
+def _before(old: LayerAnalysis, layer: Layer) -> Layer | None:
+    """The same layer before the compile, by identity: display names (`Conv_3`) of unnamed nodes
+    shift when folding removes nodes, the weight a layer reads keeps its name."""
+    same_weight = [la for la in old.layers if la.weight == layer.weight and la.op == layer.op]
+    if len(same_weight) == 1:
+        return same_weight[0]
+    named = [la for la in old.layers if la.name == layer.name and la.op == layer.op]
+    return named[0] if len(named) == 1 and not _unnamed_display(layer) else None
+
+
+def _unnamed_display(layer: Layer) -> bool:
+    return layer.name == f"{layer.op}_{layer.node_index}"
 
 
 def _channels(plan) -> dict:
@@ -84,14 +98,15 @@ def _inexact(plan) -> list[str]:
 
 def verify_masked(masked_model, pruned_path, fixed: dict, seed: int, recovered: bool = False) -> dict:
     """The oracle: the smaller model against the dense model with the same filters zeroed."""
-    from sparsec.runtime.session import make_session, make_session_from_proto, random_feeds
+    from sparsec.runtime.session import make_session, make_session_from_proto, random_feeds, run_checked
     from sparsec.runtime.verify import compare_outputs
 
     pruned = make_session(pruned_path)
     masked = make_session_from_proto(masked_model)
     feeds = random_feeds(pruned, fixed, seed)
     names = [o.name for o in pruned.get_outputs()]
-    diffs = compare_outputs(masked.run(names, feeds), pruned.run(names, feeds), names)
+    diffs = compare_outputs(run_checked(masked, names, feeds, "the masked model"),
+                            run_checked(pruned, names, feeds, "the pruned model"), names)
     return {"max_abs_diff": max((d.max_abs_diff for d in diffs), default=0.0),
             "outputs": [asdict(d) for d in diffs],
             "recovered": recovered,
