@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from sparsec.passes.border_correction import add_border_correction, border_kernel, needs_border_correction
 
 from sparsec.channels import Action, ChannelAnalysis
 from sparsec.names import FreshNames
@@ -193,13 +194,19 @@ class _Editor:
             return
         value = np.array([constants[(a.node, p)] for p in gone])
         w = np.asarray(self.ctx.store.read(self._tensor(node, a.detail["input"])), dtype=np.float64)
+        if needs_border_correction(node, w.shape):  # padded k×k Conv, ConvTranspose: exact map
+            dtype = self.ctx.store.read(self._tensor(node, a.detail["input"])).dtype
+            kernel = border_kernel(node, w, gone, value).astype(dtype)
+            if a.node in self.out_keep:  # this consumer's own outputs are cut too
+                out_axis = 1 if node.op_type == "ConvTranspose" else 0
+                kernel = np.compress(self.out_keep[a.node], kernel, axis=out_axis)
+            for new in add_border_correction(self.ctx.model.graph, node, kernel, self.names):
+                self.inserts.append((a.node, new))
+            return
         if node.op_type == "Conv":  # W[M, C, kh, kw]
             delta = w[:, gone].reshape(w.shape[0], len(gone), -1).sum(-1) @ value
-        elif node.op_type == "ConvTranspose":  # W[C, M, kh, kw]
-            # each output pixel sees on average (stride/kernel)² of the taps: exact on average only
-            strides = next((list(at.ints) for at in node.attribute if at.name == "strides"), [1, 1])
-            share = float(np.prod(strides)) / float(np.prod(w.shape[2:]))
-            delta = share * (value @ w[gone].reshape(len(gone), w.shape[1], -1).sum(-1))
+        elif node.op_type == "ConvTranspose":  # W[C, M, 1, 1], stride 1: a bias is exact
+            delta = value @ w[gone].reshape(len(gone), w.shape[1], -1).sum(-1)
         elif a.detail["axis"] == 1:  # Gemm transB: W[N, K]
             delta = w[:, gone] @ value
         else:  # W[K, N]
@@ -237,11 +244,12 @@ class _Editor:
         """Insert new nodes after their producers (indices stay valid until now)."""
         if not self.inserts:
             return
-        after = dict(self.inserts)
+        after: dict[int, list[onnx.NodeProto]] = {}
+        for position, node in self.inserts:
+            after.setdefault(position, []).append(node)
         nodes = []
         for i, node in enumerate(self.nodes):
             nodes.append(node)
-            if i in after:
-                nodes.append(after[i])
+            nodes.extend(after.get(i, []))
         del self.ctx.model.graph.node[:]
         self.ctx.model.graph.node.extend(nodes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from sparsec.layers import Layer, LayerAnalysis, find_layers
+from sparsec.layers import Layer, LayerAnalysis, find_layers, node_display_name
 from sparsec.macs import all_layer_macs
 from sparsec.pipeline import PassContext
 from sparsec.report import LayerEntry, Report, totals
@@ -22,6 +22,7 @@ def structured_section(report: Report, ctx: PassContext, plan, old: LayerAnalysi
         was = _before(old, layer)
         params_before = was.params if was else layer.params
         changed = layer.params != params_before
+        whole = None if changed else _kept_whole(plan, was.name if was else layer.name)
         weight_bytes[layer.weight] = layer.params * ctx.store.read(index.constant(layer.source)).itemsize
         recovery = plan.recovery.get(layer.node_index) if plan else None
         entries.append(LayerEntry(
@@ -30,7 +31,7 @@ def structured_section(report: Report, ctx: PassContext, plan, old: LayerAnalysi
             sparsity=1.0 - layer.params / params_before if params_before else 0.0,
             params=params_before, nonzeros=layer.params,
             macs_dense=old_macs.get(was.name if was else layer.name), macs_nonzero=new_macs.get(layer.name),
-            skipped_reason=None if changed else "no channel of this layer was removed",
+            skipped_reason=whole,
             method="structured" if changed else None,
             rel_error=recovery["error_after"] if recovery else None,
             rel_error_basis=recovery["basis"] if recovery else None,
@@ -38,6 +39,9 @@ def structured_section(report: Report, ctx: PassContext, plan, old: LayerAnalysi
                   f"{recovery['error_after']:.4f}") if recovery else None,
         ))
     report.layers = entries
+    # the weight-pruning selection does not apply here: skipped[] is exactly the layers left whole
+    report.skipped = [{"name": e.name, "op": e.op, "weight": e.weight, "reason": e.skipped_reason}
+                      for e in entries if e.skipped_reason is not None]
     report.totals = totals(entries, weight_bytes)
     report.totals["weights_after"] = sum(e.nonzeros for e in entries)
     report.channels = _channels(plan) if plan else None
@@ -55,6 +59,22 @@ def _before(old: LayerAnalysis, layer: Layer) -> Layer | None:
 
 def _unnamed_display(layer: Layer) -> bool:
     return layer.name == f"{layer.op}_{layer.node_index}"
+
+
+def _kept_whole(plan, name: str) -> str:
+    """Why no channel of layer `name` (its name in the dense model) went: the reasons that
+    blocked its channels, or its ranking."""
+    if plan is None:
+        return "no channel of this layer was removed"
+    analysis = plan.analysis
+    source = next((s for s in analysis.sources if s.name == name), None)
+    if source is None:
+        return ("not a channel source (shared, computed or grouped weight) and none of its input "
+                "channels was removed")
+    classes = {int(analysis.root[e]) for e in range(source.first, source.first + source.channels)}
+    if all(c in analysis.untouchable for c in classes):
+        return "channels kept whole: " + "; ".join(sorted({analysis.untouchable[c] for c in classes}))
+    return "none of its removable channels ranked among the lowest"
 
 
 def _channels(plan) -> dict:
@@ -78,32 +98,28 @@ def _channels(plan) -> dict:
 
 
 def _inexact(plan) -> list[str]:
-    """Consumers where a bias cannot carry the removed constant exactly, and why."""
+    """Consumers where the removed channels' value is not one constant (padding upstream): their
+    compensation is exact only where the value is the constant. Padded k×k Convs and
+    ConvTranspose get an exact border correction (passes/border_correction.py)."""
     nodes = plan.compensation.masked.graph.node
     out = []
     for n in sorted({n for n, _ in plan.compensation.constants}):
-        node = nodes[n]
-        attrs = {a.name: a for a in node.attribute}
-        kernel = len(node.input) > 1 and node.op_type.startswith("Conv")
-        padded = "pads" in attrs and any(attrs["pads"].ints) or (
-            "auto_pad" in attrs and attrs["auto_pad"].s not in (b"", b"NOTSET", b"VALID"))
-        if node.op_type == "ConvTranspose":
-            out.append(f"{node.name}: ConvTranspose spreads a constant unevenly; compensated on average")
-        elif kernel and padded:
-            out.append(f"{node.name}: zero padding; the border differs")
-        elif node.name in plan.compensation.varying:
-            out.append(f"{node.name}: its input is not constant everywhere (padding upstream)")
+        name = nodes[n].name or str(n)
+        if name in plan.compensation.varying:
+            out.append(f"{node_display_name(nodes[n], n)}: its input is not constant everywhere "
+                       f"(padding upstream; largest deviation {plan.compensation.varying[name]:.3g})")
     return out
 
 
-def verify_masked(masked_model, pruned_path, fixed: dict, seed: int, recovered: bool = False) -> dict:
+def verify_masked(masked_model, pruned_path, fixed: dict, seed: int, recovered: bool = False,
+                  ranges: dict[str, tuple[float, float]] | None = None) -> dict:
     """The oracle: the smaller model against the dense model with the same filters zeroed."""
     from sparsec.runtime.session import make_session, make_session_from_proto, random_feeds, run_checked
     from sparsec.runtime.verify import compare_outputs
 
     pruned = make_session(pruned_path)
     masked = make_session_from_proto(masked_model)
-    feeds = random_feeds(pruned, fixed, seed)
+    feeds = random_feeds(pruned, fixed, seed, ranges=ranges)
     names = [o.name for o in pruned.get_outputs()]
     diffs = compare_outputs(run_checked(masked, names, feeds, "the masked model"),
                             run_checked(pruned, names, feeds, "the pruned model"), names)
@@ -111,5 +127,5 @@ def verify_masked(masked_model, pruned_path, fixed: dict, seed: int, recovered: 
             "outputs": [asdict(d) for d in diffs],
             "recovered": recovered,
             "note": "with --recover the pruned model is refit toward the dense model, not the masked one"
-            if recovered else "exact up to float error where every consumer is a Gemm, MatMul, "
-            "1x1 Conv or k×k Conv without padding; zero-padded borders of k×k Convs differ"}
+            if recovered else "exact up to float error except at consumers listed in "
+            "channels.compensation.inexact_consumers"}
