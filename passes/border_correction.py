@@ -66,3 +66,18 @@ def add_border_correction(graph: onnx.GraphProto, node: onnx.NodeProto, kernel: 
                          **geometry),
         helper.make_node("Add", [node.output[0], corr], [out], name=names(f"{base}__border_add")),
     ]
+
+
+def split_border_add(producer_of: dict[str, onnx.NodeProto], node: onnx.NodeProto | None
+                     ) -> tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto] | None:
+    """(add, layer, border conv) when `node` is the Add that `add_border_correction` put after a
+    layer: BatchNorm folding scales the border kernel with the layer, so the two still fold."""
+    if node is None or node.op_type != "Add" or len(node.input) != 2:
+        return None
+    layer, border = (producer_of.get(name) for name in node.input)
+    if layer is None or border is None or border.op_type not in ("Conv", "ConvTranspose"):
+        return None
+    ones = producer_of.get(border.input[0])
+    if ones is None or ones.op_type != "ConstantOfShape" or border.op_type != layer.op_type:
+        return None
+    return node, layer, border

@@ -27,6 +27,10 @@ class CalibratePass:
 
     def run(self, ctx: PassContext) -> PassResult:
         layers = [layer for t in self.targets for layer in t.layers]
+        if not layers:  # nothing to measure (every layer skipped, e.g. all inside subgraphs)
+            ctx.facts.setdefault("calibration", CalibrationStats({}, 0, 0.0, {}))
+            return PassResult(self.name, False, {"layers": 0, "samples": 0, "level": self.level,
+                                                 "gram": self.gram})
         gram_for = {layer.name for layer in layers} if self.gram else set()
         stats = collect_stats(ctx.model, ctx.store, layers, self.settings, gram_for)
         old: CalibrationStats | None = ctx.facts.get("calibration")

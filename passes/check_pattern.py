@@ -12,6 +12,7 @@ from sparsec.errors import SparsecError
 from sparsec.masks import satisfies_nm
 from sparsec.options import NMPattern
 from sparsec.pipeline import PassContext, PassResult
+from sparsec.quant import effective_zero
 from sparsec.selection import PruneTarget
 from sparsec.weights import GraphIndex, to_effective
 
@@ -30,7 +31,8 @@ class CheckPatternPass:
         for target in self.targets:
             layer = target.layer
             values = to_effective(ctx.store.read(index.constant(layer.source)), layer.source.steps)
-            if not satisfies_nm(values, self.nm.n, self.nm.m, layer.reduction_axis):
+            zero = effective_zero(index, ctx.store, layer.source)  # a QDQ weight's zero point
+            if not satisfies_nm(values, self.nm.n, self.nm.m, layer.reduction_axis, zero):
                 raise SparsecError(
                     f"weight {layer.weight} of {layer.name} breaks the {self.nm} pattern after "
                     "the rewrite; this is a sparsec bug, please report it"

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from sparsec.passes.border_correction import split_border_add
 
 from sparsec.pipeline import PassContext, PassResult
 from sparsec.tensors import TensorStore
@@ -70,6 +71,7 @@ class FoldPlan:
     producer: onnx.NodeProto
     weight: WeightSource
     channels: Channels
+    border: tuple[onnx.NodeProto, WeightSource, Channels] | None = None  # Add, kernel, its channels
 
 
 def plan_fold(index: GraphIndex, bn: onnx.NodeProto, ranks: dict[str, int]) -> FoldPlan | str:
@@ -79,6 +81,14 @@ def plan_fold(index: GraphIndex, bn: onnx.NodeProto, ranks: dict[str, int]) -> F
         return reason
     x = bn.input[0]
     producer = index.producer.get(x)
+    border = split_border_add(index.producer, producer)
+    if border is not None:  # layer -> Add(border correction) -> BN: fold into both
+        add, producer, side = border
+        kernel = index.resolve(side.input[1])
+        if kernel is None or kernel.steps or _shared(index, (producer.output[0], side.output[0])) \
+                or _shared(index, kernel.tensors):
+            return f"input {x} comes from a border correction sparsec cannot fold into"
+        border = (add, kernel, CHANNELS[side.op_type](side, effective_shape(kernel), None))
     if producer is None or producer.op_type not in CHANNELS:
         return f"input {x} comes from {producer.op_type if producer else 'no node'}, not {'/'.join(CHANNELS)}"
     if _shared(index, (x,)):
@@ -101,7 +111,7 @@ def plan_fold(index: GraphIndex, bn: onnx.NodeProto, ranks: dict[str, int]) -> F
     bias = producer.input[2] if producer.op_type != "MatMul" and len(producer.input) > 2 else ""
     if bias and index.resolve(bias) is None:
         return f"bias {bias} of {name} is not a constant"
-    return FoldPlan(bn, producer, source, channels)
+    return FoldPlan(bn, producer, source, channels, border)
 
 
 def _bn_reason(index: GraphIndex, bn: onnx.NodeProto) -> str | None:
@@ -179,7 +189,7 @@ def _apply(store: TensorStore, graph: onnx.GraphProto, index: GraphIndex, plans:
         if len(producer.input) > 2 and producer.input[2]:
             dead.add(producer.input[2])  # removed only if no longer used
         _set_bias(store, graph, index, producer, bias.astype(dtype), taken)
-        producer.output[0] = y
+        (plan.border[0] if plan.border else producer).output[0] = y
         stale.add(x)
         drop.add(index.position[id(bn)])
     _delete(graph.node, lambda i, _: i in drop)
@@ -196,6 +206,11 @@ def _fold_values(store: TensorStore, index: GraphIndex, plan: FoldPlan) -> tuple
     stored = store.read(tensor)
     scaled = _scale(to_effective(stored.astype(np.float64), plan.weight.steps), alpha, plan.channels)
     store.write(tensor, np.ascontiguousarray(to_stored(scaled, plan.weight.steps).astype(stored.dtype)))
+    if plan.border is not None:
+        _, kernel, channels = plan.border
+        k_tensor = index.constant(kernel)
+        k = store.read(k_tensor)
+        store.write(k_tensor, _scale(k.astype(np.float64), alpha, channels).astype(k.dtype))
     old: np.ndarray | float = 0.0
     if producer.op_type != "MatMul" and len(producer.input) > 2 and producer.input[2]:
         # Gemm adds beta·C: beta goes into the new C and the attribute is dropped (default 1)

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparsec.pipeline import PassContext, PassResult
+from sparsec.quant import real_weight
 from sparsec.scores import wanda
 from sparsec.selection import PruneTarget
-from sparsec.weights import GraphIndex, to_effective
+from sparsec.weights import GraphIndex
 
 
 def outlier_ratio(scores: np.ndarray, m: float) -> float:
@@ -49,7 +50,7 @@ class OwlPass:
         ratios, params = [], []
         for target in self.targets:
             layer = target.layer
-            weight = to_effective(ctx.store.read(index.constant(layer.source)), layer.source.steps)
+            weight = real_weight(index, ctx.store, layer.source)
             ratios.append(outlier_ratio(score(layer, weight), self.m))
             params.append(layer.params)
         sparsities = owl_sparsities(np.array(ratios), np.array(params, dtype=np.float64),

@@ -13,6 +13,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from sparsec.attention import AttentionBlock, find_attention
+from sparsec.errors import SparsecError
 from sparsec.pipeline import PassContext, PassResult
 from sparsec.weights import GraphIndex
 
@@ -64,14 +65,20 @@ def _prune_block(ctx, index, block: AttentionBlock, removed: set[int], inserts) 
         if block.o.reshape is not None:
             _set_count(ctx.model, index, block.o.reshape, heads * block.head_dim, block, inserts, True)
         return {"heads_before": block.heads, "heads_after": heads, "kv_heads_after": heads}
-    for proj, cols in ((block.q, q_cols), (block.k, kv_cols), (block.v, kv_cols)):
+    sides = ((block.q, q_cols), (block.k, kv_cols), (block.v, kv_cols))
+    if block.q.part is not None:  # one weight, parts laid out part-major: cut the three thirds alike
+        by_part = dict((proj.part[0], cols) for proj, cols in sides)
+        sides = ((block.q, np.concatenate([by_part[p] for p in range(block.q.part[1])])),)
+    for proj, cols in sides:
         _cut(store, index.initializers[proj.weight], cols, 1)
         if proj.bias is not None:
-            _cut(store, index.initializers[proj.bias], cols, -1)
+            _cut_bias(ctx, index, proj, cols)
     _cut(store, index.initializers[block.o.weight], q_cols, 0)
     heads, kv = int(q_cols.sum()) // block.head_dim, int(kv_cols.sum()) // block.head_dim
+    seen: set[int] = set()
     for proj, count in ((block.q, heads), (block.k, kv), (block.v, kv), (block.o, heads * block.head_dim)):
-        if proj.reshape is not None:
+        if proj.reshape is not None and proj.reshape not in seen:  # a fused QKV Reshape is shared
+            seen.add(proj.reshape)
             _set_count(ctx.model, index, proj.reshape, count, block, inserts, proj is block.o)
         for repeat in proj.repeats:  # after a grouped-query repeat the head count is the query one
             _set_count(ctx.model, index, repeat, heads, block, inserts, False)
@@ -87,6 +94,24 @@ def _cut(store, tensor: onnx.TensorProto, keep: np.ndarray, axis: int) -> None:
     values = store.read(tensor)
     if values.shape[axis] == len(keep):
         store.resize(tensor, np.compress(keep, values, axis=axis))
+
+
+def _cut_bias(ctx, index, proj, keep: np.ndarray) -> None:
+    """Cut a projection bias; one that other nodes read too (exporters dedupe equal tensors, such as
+    freshly initialised zero biases) or that comes through Identity/Constant gets its own cut copy."""
+    name = proj.bias
+    readers = index.consumers.get(name, [])
+    if name in index.initializers and len(readers) == 1:
+        _cut(ctx.store, index.initializers[name], keep, -1)
+        return
+    tensor = index.initializers.get(name)
+    values = ctx.store.read(tensor) if tensor is not None else _value(index, name)
+    if values is None or values.shape[-1] != len(keep):
+        raise SparsecError(f"prune-heads: bias {name} of {ctx.model.graph.node[proj.bias_add].name} is not a "
+                           f"constant of {len(keep)} values", "report this model")
+    add = ctx.model.graph.node[proj.bias_add]
+    k = list(add.input).index(name)
+    add.input[k] = _new_const(ctx.model, f"{add.name}__bias", np.compress(keep, values, axis=-1))
 
 
 def _set_count(model, index, reshape: int, count: int, block, inserts, merged: bool) -> None:
@@ -125,7 +150,10 @@ def _set_count(model, index, reshape: int, count: int, block, inserts, merged: b
 
 
 def _value(index, name: str) -> np.ndarray | None:
-    """A constant from an initializer or a Constant node (exporters use both)."""
+    """A constant from an initializer or a Constant node (exporters use both), also through Identity."""
+    node = index.producer.get(name)
+    while node is not None and node.op_type == "Identity":
+        name, node = node.input[0], index.producer.get(node.input[0])
     if name in index.initializers:
         return numpy_helper.to_array(index.initializers[name])
     if name in index.constant_nodes:

@@ -49,13 +49,14 @@ class PruneTokensPass:
         gathered = {x: f"{x}__tokens" for x in seq_inputs}
         new += [helper.make_node("GatherElements", [x, idx], [g], axis=1, name=f"tokens/gather_{x}")
                 for x, g in gathered.items()]
-        renamed = _clone_side_inputs(nodes, late, cut, gathered, new)
+        like_cut = _shaped_like(ctx, nodes, late, cut, seq_inputs)
+        renamed = _clone_side_inputs(nodes, late, cut, gathered, new, like_cut)
         renamed[cut] = "tokens/hidden"
         for i in late:
             for k, name in enumerate(nodes[i].input):
                 if name in renamed:
                     nodes[i].input[k] = renamed[name]
-        outputs = _scatter_outputs(model, nodes, late, cut, idx, new)
+        outputs = _scatter_outputs(model, nodes, late, cut, idx, new, like_cut)
         del model.graph.node[:]
         model.graph.node.extend(_topological(nodes + new))
         del model.graph.value_info[:]
@@ -127,10 +128,29 @@ def _descendants(nodes, tensor: str) -> set[int]:
     return out
 
 
+def _shaped_like(ctx, nodes, late: set[int], cut: str, seq_inputs: list[str]) -> set[str]:
+    """Tensors shaped like the cut ([B, L, E]) among those early `Shape`s and late `Gather`/`Slice`s read,
+    found by one onnxruntime run with distinct batch and length (an encoder computes its reshape
+    targets from the embeddings' shape; a CLS pooler gathers token 0 of the last hidden state)."""
+    names = sorted({n.input[0] for i, n in enumerate(nodes) if n.op_type == "Shape" and i not in late
+                    or n.op_type in ("Gather", "Slice") and i in late})  # and what a pooler reads
+    if not names:
+        return set()
+    from sparsec.macs import observe_shapes
+
+    fixed = {x: (3, 7) for x in seq_inputs}
+    try:
+        shapes = observe_shapes(ctx.model, ctx.store, fixed, [*names, cut])
+    except Exception:  # a model onnxruntime cannot run here: no Shape is replaced
+        return set()
+    return {n for n in names if cut in shapes and shapes.get(n) == shapes[cut]}
+
+
 def _clone_side_inputs(nodes, late: set[int], cut: str, gathered: dict[str, str],
-                       new: list) -> dict[str, str]:
+                       new: list, like_cut: set[str] = frozenset()) -> dict[str, str]:
     """Recompute, from the gathered inputs, every early tensor the late layers read that depends
-    on the sequence; refuse when such a tensor comes out of the model's heavy layers."""
+    on the sequence; refuse when such a tensor comes out of the model's heavy layers. The `Shape`
+    of an early tensor shaped like the cut becomes the `Shape` of the gathered hidden state."""
     producer = {o: i for i, n in enumerate(nodes) for o in n.output}
     renamed = dict(gathered)
     memo: dict[str, bool] = {}
@@ -141,6 +161,14 @@ def _clone_side_inputs(nodes, late: set[int], cut: str, gathered: dict[str, str]
         i = producer.get(name)
         if i is None or i in late:
             return False
+        if name not in memo and nodes[i].op_type == "Shape" and nodes[i].input[0] in like_cut:
+            clone = onnx.NodeProto()
+            clone.CopyFrom(nodes[i])
+            clone.name = f"{nodes[i].name}__tokens"
+            clone.input[0] = "tokens/hidden"
+            renamed[name] = clone.output[0] = f"{name}__tokens"
+            new.append(clone)
+            memo[name] = True
         if name not in memo:
             memo[name] = any(depends(x) for x in nodes[i].input if x)
             if memo[name] and nodes[i].op_type in HEAVY:
@@ -166,16 +194,15 @@ def _clone_side_inputs(nodes, late: set[int], cut: str, gathered: dict[str, str]
     return renamed
 
 
-def _scatter_outputs(model, nodes, late, cut: str, idx: str, new: list) -> list[str]:
-    """Late graph outputs of shape [B, k, E] go back to [B, L, E] over the hidden state at the cut."""
+def _scatter_outputs(model, nodes, late, cut: str, idx: str, new: list, like_cut: set[str]) -> list[str]:
+    """Late graph outputs of shape [B, k, E] go back to [B, L, E] over the hidden state at the cut;
+    any other late output must read only the first (CLS, always kept) token or such scattered outputs."""
     producer = {o: i for i, n in enumerate(nodes) for o in n.output}
     done = []
     for out in model.graph.output:
         i = producer.get(out.name)
-        if i is None or i not in late:
+        if i is None or i not in late or len(out.type.tensor_type.shape.dim) != 3:
             continue
-        if len(out.type.tensor_type.shape.dim) != 3:
-            raise SparsecError(f"token pruning: output {out.name} is not [batch, tokens, features]")
         inner = f"{out.name}__kept_tokens"
         nodes[i].output[list(nodes[i].output).index(out.name)] = inner
         o = out.name
@@ -186,7 +213,57 @@ def _scatter_outputs(model, nodes, late, cut: str, idx: str, new: list) -> list[
             _node("ScatterElements", [cut, f"{o}/idx", inner], o, axis=1),
         ]
         done.append(out.name)
+    for out in model.graph.output:
+        i = producer.get(out.name)
+        if i is not None and i in late and out.name not in done:
+            reason = _reads_all_tokens(model, nodes, producer, late, cut, out.name, set(done), like_cut)
+            if reason:
+                raise SparsecError(f"token pruning: output {out.name} is not [batch, tokens, features] and "
+                                   f"{reason}", "only outputs reading the CLS token or no token are allowed")
     return done
+
+
+def _reads_all_tokens(model, nodes, producer, late, cut: str, name: str, scattered: set[str],
+                      like_cut: set[str]) -> str | None:
+    """Why output `name` would see the pruned token set, or None when every path from it back to the
+    cut reads a scattered output (all L tokens again) or only token 0 of a [B, L, E] hidden state."""
+    consts = {t.name: t for t in model.graph.initializer if np.prod(t.dims) <= 8}
+    consts.update({n.output[0]: n.attribute[0].t for n in nodes if n.op_type == "Constant" and n.attribute
+                   and n.attribute[0].name == "value"})
+    stack, seen = [name], set()
+    while stack:
+        t = stack.pop()
+        if t == cut:
+            return "reads the kept tokens' states"
+        i = producer.get(t)
+        if t in seen or t in scattered or i is None or i not in late:
+            continue
+        seen.add(t)
+        node = nodes[i]
+        if node.input and node.input[0] in like_cut and _first_token(node, consts):
+            continue
+        if node.op_type == "Shape":
+            return f"reads the token count ({node.name})"
+        stack.extend(x for x in node.input if x)
+    return None
+
+
+def _first_token(node, consts: dict) -> bool:
+    """Gather(axis=1, index 0) or Slice(axis 1, [0, 1)): the CLS token, which the selection always keeps."""
+    def const(name):
+        return numpy_helper.to_array(consts[name]) if name in consts else None
+
+    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+    if node.op_type == "Gather":
+        index = const(node.input[1])
+        return axis == 1 and index is not None and index.size == 1 and int(index.ravel()[0]) == 0
+    if node.op_type == "Slice" and len(node.input) >= 4:
+        starts, ends, axes = (const(x) for x in node.input[1:4])
+        steps = const(node.input[4]) if len(node.input) > 4 and node.input[4] else np.array([1])
+        return all(v is not None and v.size == 1 for v in (starts, ends, axes, steps)) \
+            and int(axes.ravel()[0]) == 1 and int(starts.ravel()[0]) == 0 and int(ends.ravel()[0]) == 1 \
+            and int(steps.ravel()[0]) == 1
+    return False
 
 
 def _topological(nodes: list) -> list:

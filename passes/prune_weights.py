@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparsec.masks import apply_mask, count_nonzero, nm_prune, unstructured_mask
+from sparsec.masks import apply_mask, count_nonzero, nm_mask, nm_prune, unstructured_mask
 from sparsec.options import NMPattern
 from sparsec.pipeline import PassContext, PassResult
+from sparsec.quant import dequantize, zero_point
 from sparsec.scores import magnitude, relative_error_diagonal, relative_error_gram, wanda
 from sparsec.selection import PruneTarget
 from sparsec.weights import GraphIndex, to_effective, to_stored
@@ -68,6 +69,8 @@ class PruneWeightsPass:
 
     def _prune(self, ctx, index, target: PruneTarget, score, ratio, calib) -> PrunedWeight:
         layer = target.layer
+        if layer.source.dequant is not None:
+            return self._prune_quantized(ctx, index, target, score, ratio, calib)
         tensor = index.constant(layer.source)
         stored = ctx.store.read(tensor)
         effective = to_effective(stored, layer.source.steps)
@@ -89,6 +92,32 @@ class PruneWeightsPass:
             ctx.store.write(tensor, pruned)
         error, basis = (estimate_error(layer, effective, to_effective(pruned, layer.source.steps), calib)
                         if calib else (None, None))
+        return PrunedWeight(layer.weight, tuple(u.name for u in target.layers), pattern,
+                            stored.size, before, after, self.method,
+                            calib.samples if calib else None, error, basis)
+
+    def _prune_quantized(self, ctx, index, target: PruneTarget, score, ratio, calib) -> PrunedWeight:
+        """A QDQ weight: scores on the dequantized values; removed weights become the zero point,
+        which dequantizes to exactly 0; kept integers stay bit for bit."""
+        layer, steps = target.layer, target.layer.source.steps
+        tensor = index.constant(layer.source)
+        stored = ctx.store.read(tensor)
+        zero = zero_point(index, ctx.store, layer.source)
+        real = to_effective(dequantize(index, ctx.store, layer.source, stored), steps)
+        if self.nm is not None:
+            keep = nm_mask(score(layer, real), self.nm.n, self.nm.m, layer.reduction_axis)
+            pattern = str(self.nm)
+        else:
+            sparsity = self.sparsity if ratio is None else ratio
+            keep = unstructured_mask(score(layer, real), sparsity or 0.0, self.group,
+                                     output_axis=layer.output_axis, reduction_axis=layer.reduction_axis)
+            pattern = f"unstructured/{self.group}"
+        pruned = np.where(to_stored(keep, steps), stored, zero).astype(stored.dtype)
+        before, after = count_nonzero(stored, zero), count_nonzero(pruned, zero)
+        if after != before:
+            ctx.store.write(tensor, pruned)
+        pruned_real = to_effective(dequantize(index, ctx.store, layer.source, pruned), steps)
+        error, basis = estimate_error(layer, real, pruned_real, calib) if calib else (None, None)
         return PrunedWeight(layer.weight, tuple(u.name for u in target.layers), pattern,
                             stored.size, before, after, self.method,
                             calib.samples if calib else None, error, basis)

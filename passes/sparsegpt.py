@@ -14,6 +14,11 @@ from sparsec.weights import GraphIndex, to_effective, to_stored
 
 from .prune_weights import PrunedWeight, PruneWeightsPass, estimate_error
 
+# SparseGPT's update changes kept weights; an int8 weight would need requantizing, which can
+# move every kept value, so a QDQ weight keeps its integers and takes Wanda's mask instead.
+QUANTIZED_NOTE = ("quantized (QDQ) weight: SparseGPT's update would need requantization; "
+                  "pruned with wanda scores, kept integers unchanged")
+
 
 def _patch_rows(weight: np.ndarray) -> np.ndarray:
     """Conv [M, C, R, S] as [M, R·S·C]: the order of the im2col patches, N:M groups along C."""
@@ -56,7 +61,8 @@ class SparseGPTPass:
         ratios = ctx.facts.get("layer_sparsity", {})
         done: list[PrunedWeight] = []
         patched = {t.layer.name for t in self.targets if t.layer.name in calib.patches}
-        fallback = [t for t in self.targets if t.layer.name not in patched and (
+        fallback = [t for t in self.targets if t.layer.source.dequant is not None
+                    or t.layer.name not in patched and (
                     not gram_ready(t.layer) or calib.layers.get(t.layer.name) is None
                     or calib.layers[t.layer.name].gram is None)]
         for target in self.targets:
@@ -89,8 +95,10 @@ class SparseGPTPass:
                 calib.samples, error, basis))
         if fallback:
             wanda_pass = PruneWeightsPass(fallback, nm=self.nm, sparsity=self.sparsity, method="wanda")
+            quantized = {t.weight for t in fallback if t.layer.source.dequant is not None}
             for p in wanda_pass.run(ctx).details["weights"]:
-                done.append(PrunedWeight(**{**p.__dict__, "note": "SparseGPT needs a 2-D or 1x1 "
-                                            "weight; this layer fell back to wanda"}))
+                note = (QUANTIZED_NOTE if p.weight in quantized
+                        else "SparseGPT needs a 2-D or 1x1 weight; this layer fell back to wanda")
+                done.append(PrunedWeight(**{**p.__dict__, "note": note}))
         modified = any(p.nonzeros != p.nonzeros_before for p in done)
         return PassResult(self.name, modified, {"weights": done})

@@ -1,10 +1,12 @@
 """Calibration samples for `sparsec compile --calib`: loaded, validated and batched as a stream.
 
 A *sample* is one array per graph input with the input's full rank (its batch dim is normally 1). Sources:
-a `.npz` file or a directory of `<input>.npy` files (an extra leading sample axis: rank r+1), a directory of
-per-sample `.npz` files in sorted filename order (rank r, or r+1 with a leading axis of 1; zero-pad numbers),
-a reader with `get_next()` (onnxruntime's CalibrationDataReader: each row of a feed's batch dim is a sample),
-or random draws (floats N(0,1) or uniform in a --calib-range, ints uniform in [lo, hi), default [0, 2)).
+a `.npz` file or a directory of `<input>.npy` files (samples along the model's dynamic batch axis: rank r, as
+exporters and datasets write them; or on an extra leading sample axis: rank r+1, needed when the batch dim is
+fixed), a directory of per-sample `.npz` files in sorted filename order (rank r, or r+1 with a leading axis of
+1; zero-pad numbers), a reader with `get_next()` (onnxruntime's CalibrationDataReader: each row of a feed's
+batch dim is a sample; a feed of rank r+1 has its samples on the leading axis), or random draws (floats
+N(0,1) or uniform in a --calib-range, ints uniform in [lo, hi), default [0, 2)).
 Batches stack samples along dim 0 when every input's dim 0 is symbolic (otherwise one sample per batch);
 consecutive samples of different shapes go into separate, smaller batches instead of failing.
 """
@@ -22,6 +24,7 @@ import numpy as np
 import onnx
 
 from sparsec.errors import SparsecError
+from sparsec.macs import static_dim
 
 Chunk = dict[str, np.ndarray]  # input name -> samples stacked on a new leading axis
 Chunks = Iterator[tuple[Chunk, str | dict[str, str]]]  # with the file (per input) for error messages
@@ -44,7 +47,7 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         tt = vi.type.tensor_type
         if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
             raise SparsecError(f"input {vi.name} has no tensor shape in the model; calibration needs it")
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+        dims = tuple(d.dim_param or None if static_dim(d) is None else d.dim_value for d in tt.shape.dim)
         specs.append(InputSpec(vi.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)), dims))
     return specs
 
@@ -89,6 +92,19 @@ def _check_array(spec: InputSpec, shape: tuple, dtype: object, where: str, lead:
         if isinstance(want, int) and shape[i + lead] != want:
             raise SparsecError(f"dim {i} of {spec.name} in {where} is {shape[i + lead]}, "
                                f"the model fixes it at {want}")
+
+
+def _check_samples(spec: InputSpec, shape: tuple, dtype: object, where: str) -> int:
+    """Validate an array of several samples; returns its lead: 0 when the samples run along the model's
+    dynamic batch axis (rank r), 1 when they sit on their own leading axis (rank r+1)."""
+    dynamic = bool(spec.shape) and not isinstance(spec.shape[0], int)
+    if dynamic and len(shape) == len(spec.shape):
+        _check_array(spec, shape, dtype, where, lead=0)
+        return 0
+    note = f" (samples on a leading axis) or {len(spec.shape)} (samples along the batch axis)" if dynamic \
+        else ""
+    _check_array(spec, shape, dtype, where, lead=1, note=note)
+    return 1
 
 
 def _same_count(counts: dict[str, int], where: str) -> int:
@@ -158,15 +174,15 @@ def _member_rows(zf: zipfile.ZipFile, spec: InputSpec, total: int, hint: int) ->
 def _open_npz(specs: list[InputSpec], path: Path) -> _Source:
     heads = _npz_headers(path)
     _check_names(specs, heads, str(path))
-    for s in specs:
-        _check_array(s, heads[s.name][0], heads[s.name][2], str(path), lead=1)
+    lead = {s.name: _check_samples(s, heads[s.name][0], heads[s.name][2], str(path)) for s in specs}
     count = _same_count({s.name: heads[s.name][0][0] for s in specs}, str(path))
 
     def chunks(hint: int) -> Chunks:
         try:
             with zipfile.ZipFile(path) as zf:
                 for arrays in zip(*[_member_rows(zf, s, count, hint) for s in specs], strict=True):
-                    yield {s.name: a for s, a in zip(specs, arrays, strict=True)}, str(path)
+                    pairs = zip(specs, arrays, strict=True)
+                    yield {s.name: _on_sample_axis(a, lead[s.name]) for s, a in pairs}, str(path)
         except _READ_ERRORS as exc:
             raise SparsecError(f"cannot read {path}: {exc}", "is the file complete?") from None
     return _Source(str(path), count, chunks)
@@ -176,19 +192,25 @@ def _open_npy_dir(specs: list[InputSpec], path: Path, found: list[Path]) -> _Sou
     by_name = {f.stem: f for f in found}
     _check_names(specs, by_name, str(path))
     files = {s.name: str(by_name[s.name]) for s in specs}
-    arrays = {}
+    arrays, lead = {}, {}
     for s in specs:
         try:
             arrays[s.name] = np.load(by_name[s.name], mmap_mode="r")  # memory-mapped: streamed, not loaded
         except _READ_ERRORS as exc:
             raise SparsecError(f"cannot read {files[s.name]}: {exc}") from None
-        _check_array(s, arrays[s.name].shape, arrays[s.name].dtype, files[s.name], lead=1)
+        lead[s.name] = _check_samples(s, arrays[s.name].shape, arrays[s.name].dtype, files[s.name])
     count = _same_count({k: a.shape[0] for k, a in arrays.items()}, str(path))
 
     def chunks(hint: int) -> Chunks:
         for start in range(0, count, hint):
-            yield {s.name: np.array(arrays[s.name][start:start + hint], s.dtype) for s in specs}, files
+            rows = {s.name: np.array(arrays[s.name][start:start + hint], s.dtype) for s in specs}
+            yield {k: _on_sample_axis(a, lead[k]) for k, a in rows.items()}, files
     return _Source(f"{path} (one .npy per input)", count, chunks)
+
+
+def _on_sample_axis(rows: np.ndarray, lead: int) -> np.ndarray:
+    """Samples taken along the batch axis (lead 0) become samples of batch 1 on a leading axis."""
+    return rows if lead else rows[:, None]
 
 
 def _open_sample_dir(specs: list[InputSpec], path: Path, found: list[Path]) -> _Source:
@@ -221,11 +243,14 @@ def _reader_feeds(specs: list[InputSpec], reader: object, batchable: bool) -> Ch
             raise SparsecError(f"{where} is a {type(feed).__name__}, not a dict of input name -> array")
         _check_names(specs, feed, where)
         chunk = {s.name: np.asarray(feed[s.name]) for s in specs}
-        for s in specs:
-            _check_array(s, chunk[s.name].shape, chunk[s.name].dtype, where, lead=0)
-        if batchable:
-            _same_count({k: len(a) for k, a in chunk.items()}, where)
-        yield {k: a[:, None] if batchable else a[None] for k, a in chunk.items()}, where
+        for s in specs:  # rank r+1: samples on a leading axis; rank r: one feed of the model
+            lead = len(chunk[s.name].shape) == len(s.shape) + 1
+            _check_array(s, chunk[s.name].shape, chunk[s.name].dtype, where, lead=int(lead),
+                         note="" if lead else f" (or {len(s.shape) + 1} with samples on a leading axis)")
+            if not lead:
+                chunk[s.name] = chunk[s.name][:, None] if batchable else chunk[s.name][None]
+        _same_count({k: len(a) for k, a in chunk.items()}, where)
+        yield chunk, where
         index += 1
 
 
@@ -258,8 +283,7 @@ def _open_random(specs: list[InputSpec], n: int, ranges: dict, shapes: dict, see
     """Sample i always comes from the seed [seed, i], whatever the batch size or --calib-samples."""
     if n < 1:
         raise SparsecError(f"--calib-random {n} must be at least 1")
-    if unknown := sorted(set(ranges) - {s.name for s in specs}):
-        raise SparsecError(f"--calib-range names {', '.join(unknown)}, not a graph input")
+    check_ranges(specs, ranges)
     plan = [(s, _random_shape(s, shapes.get(s.name)), _random_range(s, ranges.get(s.name))) for s in specs]
 
     def sample(i: int) -> Chunk:
@@ -290,6 +314,16 @@ def _random_shape(spec: InputSpec, given: tuple[int, ...] | None) -> tuple[int, 
                                f"(dim {repr(d) if d else i} is symbolic)", f"e.g. --shape {spec.name}=1,...")
         out.append(d if isinstance(d, int) else 1 if i == 0 else given[i])
     return tuple(out)
+
+
+def check_ranges(specs: list[InputSpec], ranges: dict[str, tuple[float, float]]) -> None:
+    """--calib-range names graph inputs and fits their dtypes (random calibration and random verification)."""
+    if unknown := sorted(set(ranges) - {s.name for s in specs}):
+        raise SparsecError(f"--calib-range names {', '.join(unknown)}, not a graph input",
+                           f"inputs: {', '.join(s.name for s in specs)}")
+    for spec in specs:
+        if spec.name in ranges:
+            _random_range(spec, ranges[spec.name])
 
 
 def _random_range(spec: InputSpec, given: tuple[float, float] | None) -> tuple:
@@ -329,7 +363,7 @@ def _regroup(chunks: Iterator[Chunk], size: int, batchable: bool) -> Iterator[tu
 def _merge(pieces: list[Chunk], batchable: bool) -> Chunk:
     """Fold the sample axis into the model's batch axis (dim 0), or drop it for a single sample."""
     if not batchable:
-        return {k: a[0] for k, a in pieces[0].items()}
+        return {k: np.asarray(a[0]) for k, a in pieces[0].items()}  # a rank-0 input stays an array
     folded = [{k: a.reshape(a.shape[0] * a.shape[1], *a.shape[2:]) for k, a in p.items()} for p in pieces]
     return folded[0] if len(folded) == 1 else {k: np.concatenate([p[k] for p in folded]) for k in folded[0]}
 
@@ -342,6 +376,10 @@ class CalibrationData:
         self._checked = source.checked  # NaN/Inf: scanned as batches stream, until one full clean pass
         self.num_samples: int = num_samples
         self.source: str = source.label
+
+    def head(self, n: int) -> CalibrationData:
+        """The first n samples (all when there are fewer): verification runs on these."""
+        return CalibrationData(self._source, min(n, self.num_samples), self._batchable)
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Feeds of up to batch_size samples (axis 0); every pass yields identical data."""
@@ -378,7 +416,8 @@ def open_calibration(
         raise SparsecError("give exactly one calibration source",
                            "--calib FILE.npz|DIR or --calib-random N (or a reader in the Python API)")
     if ranges and random_samples is None:
-        raise SparsecError("--calib-range only applies to --calib-random")
+        raise SparsecError("--calib-range only applies to --calib-random (or to verification without "
+                           "calibration data)", "--calib data brings its own values")
     if not specs:
         raise SparsecError("the model has no graph inputs to calibrate")
     if samples is not None and samples < 1:

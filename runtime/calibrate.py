@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from sparsec.runtime.calib_data import CalibrationData
-from sparsec.runtime.instrument import StatSpec, instrumented_graph, plan_patches, plan_stats
+from sparsec.runtime.instrument import StatSpec, instrumented_graph, plan_patches, plan_stats, subgraph_reads
 from sparsec.runtime.progress import Progress
-from sparsec.runtime.session import session_with_values
+from sparsec.runtime.session import run_checked, session_with_values
 
 from sparsec.errors import SparsecError
 from sparsec.layers import Layer
@@ -74,8 +74,11 @@ def collect_stats(model: onnx.ModelProto, store: TensorStore, layers: list[Layer
         specs, by_layer, unknown = plan_stats(layers, nodes, set(gram_for), ranks)
     patch_specs = plan_patches(layers, nodes, set(gram_for), len(specs))
     spec_list = list(specs.values()) + list(patch_specs.values())
+    if not spec_list:  # nothing to measure: onnxruntime refuses a graph without outputs
+        return CalibrationStats({}, 0, time.perf_counter() - start,
+                                {name: "the rank of its input is unknown" for name in unknown})
     graph = instrumented_graph(model, spec_list, ranks, {k: v[0] for k, v in types.items()})
-    used = {i for n in graph.graph.node for i in n.input}
+    used = {i for n in graph.graph.node for i in [*n.input, *subgraph_reads(n)]}  # outer scope too
     tensors = [t for t in model.graph.initializer if t.name in used]
     session = session_with_values(graph, tensors, store, list(settings.providers))
     sums = {o: np.zeros(s.channels) for s in spec_list for o in (s.sumsq_output, s.sum_output)}
@@ -85,7 +88,7 @@ def collect_stats(model: onnx.ModelProto, store: TensorStore, layers: list[Layer
     seen = 0
     with Progress(settings.data.num_samples, "calibrating", enabled=settings.progress) as bar:
         for n, feeds in settings.data.sized_batches(settings.batch):
-            outs = dict(zip(names, session.run(names, feeds), strict=True))
+            outs = dict(zip(names, run_checked(session, names, feeds, "the calibration graph"), strict=True))
             for spec in spec_list:
                 sums[spec.sumsq_output] += outs[spec.sumsq_output]
                 sums[spec.sum_output] += outs[spec.sum_output]

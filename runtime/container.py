@@ -56,6 +56,9 @@ def write_container(path: Path | str, tensors: dict[str, Encoded]) -> None:
     head = HEADER.pack(MAGIC, VERSION, len(manifest), zlib.crc32(manifest)) + manifest
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600: the container gets the mode of a plain open()
         with os.fdopen(fd, "wb") as f:
             f.write(head + bytes(_align(len(head)) - len(head)))
             pos = 0

@@ -194,10 +194,18 @@ def _ancestors(nodes: list[onnx.NodeProto], outputs: list[str]) -> set[int]:
         keep.add(i)
         node = nodes[i]
         stack.extend(i for i in node.input if i)
-        for attr in node.attribute:  # subgraphs may read outer-scope tensors
-            if attr.type == onnx.AttributeProto.GRAPH:
-                stack.extend(i for sub in attr.g.node for i in sub.input if i)
+        stack.extend(subgraph_reads(node))  # subgraphs may read outer-scope tensors
     return keep
+
+
+def subgraph_reads(node: onnx.NodeProto) -> list[str]:
+    """Every tensor name read anywhere inside the node's bodies (If, Loop, Scan; nested too)."""
+    reads: list[str] = []
+    for attr in node.attribute:
+        for body in [attr.g] * (attr.type == onnx.AttributeProto.GRAPH) + list(attr.graphs):
+            for sub in body.node:
+                reads += [i for i in sub.input if i] + subgraph_reads(sub)
+    return reads
 
 
 def _int_attr(node: onnx.NodeProto, name: str) -> int:

@@ -276,9 +276,10 @@ def convert_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto
 
 def _session(model: onnx.ModelProto):
     import onnxruntime as ort
+    from sparsec.runtime.session import log_severity
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = log_severity()
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 

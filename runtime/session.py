@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 
 import numpy as np
 import onnx
@@ -24,12 +26,18 @@ ORT_DTYPES = {
 }
 
 
+def log_severity() -> int:
+    """onnxruntime's own log level: its warnings (graph.cc "Removing initializer ...") and the
+    errors sparsec re-raises as one line reach the terminal only with -v."""
+    return 1 if logging.getLogger("sparsec").isEnabledFor(logging.INFO) else 4
+
+
 def make_session(
     path: str | os.PathLike, providers: list[str] | None = None, optimize: bool = True
 ) -> ort.InferenceSession:
     """An onnxruntime session, or a one-line SparsecError naming the model."""
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = log_severity()
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -38,7 +46,43 @@ def make_session(
         return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several unrelated types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "external" in first:  # shape constants in external data: read them through the store
+            return session_from_store(path, providers)
         raise SparsecError(f"onnxruntime cannot load {path}: {first}") from None
+
+
+def session_from_store(path: str | os.PathLike, providers: list[str] | None = None) -> ort.InferenceSession:
+    """A session on a model file with external data, its values read through sparsec's store.
+
+    onnxruntime refuses shape inputs (Reshape targets, Unsqueeze axes) kept in external data, as
+    exports with size_threshold=0 write them; the store brings small tensors into the protobuf
+    and feeds the weights as OrtValues, so the outputs are the model's own."""
+    from sparsec.graph import load_model
+
+    loaded = load_model(path)
+    light = onnx.ModelProto()
+    light.CopyFrom(loaded.model)
+    del light.graph.initializer[:]
+    return session_with_values(light, list(loaded.model.graph.initializer), loaded.store, providers)
+
+
+def run_checked(session: ort.InferenceSession, names: list[str] | None, feeds: dict[str, np.ndarray],
+                what: str = "the model") -> list:
+    """``session.run``, or a one-line SparsecError naming the failing node and the inputs fed.
+
+    A failure here is nearly always an input the model does not accept (a symbolic dim left at 1,
+    an integer input such as a sample rate outside the values the model's If branches expect)."""
+    try:
+        return session.run(names, feeds)
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        text = " ".join(str(exc).split())
+        nodes = re.findall(r"running (\w+) node\. Name:'([^']*)'", text)
+        where = f" at {nodes[-1][0]} node {nodes[-1][1]}" if nodes else ""
+        reason = text.rsplit("Status Message: ", 1)[-1].split(" : ")[-1][:200]
+        fed = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+        raise SparsecError(f"onnxruntime cannot run {what} on inputs {fed}{where}: {reason}",
+                           "give --shape NAME=d0,... and --calib-range NAME=lo,hi (or --calib data) that "
+                           "the model accepts, or --no-verify") from None
 
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -68,13 +112,13 @@ def session_with_values(model: onnx.ModelProto, tensors: list[onnx.TensorProto],
     is ever serialized and models over 2 GB work too.
     """
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = log_severity()
     # extended fusions rewrite attention into kernels that mishandle the pruned-to-the-statistics
     # graph (seen: a Slice fed a scalar); basic optimizations keep the speed that matters here
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     names, values, keep = [], [], []
     for tensor in tensors:
-        array = np.ascontiguousarray(store.read(tensor))
+        array = np.require(store.read(tensor), requirements="C")  # ascontiguousarray makes a scalar 1-d
         if array.nbytes < 1024 or array.dtype.name not in _ORT_VALUE_DTYPES:
             model.graph.initializer.append(numpy_helper.from_array(array, tensor.name))
             continue
@@ -105,7 +149,7 @@ _ORT_VALUE_DTYPES = {"float32", "float16", "float64", "int64", "int32", "int8", 
 def make_session_from_proto(model: onnx.ModelProto) -> ort.InferenceSession:
     """A CPU session on an in-memory model whose values are all inline (< 2 GB)."""
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = log_severity()
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
@@ -121,8 +165,10 @@ def random_feeds(
     shapes: dict[str, tuple[int, ...]],
     seed: int = 0,
     int_range: tuple[int, int] = (0, 2),
+    ranges: dict[str, tuple[float, float]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Random inputs respecting each input's dtype; integers drawn from int_range."""
+    """Random inputs respecting each input's dtype: floats N(0, 1), integers from int_range, or per input
+    uniform in `ranges` (--calib-range: [lo, hi), whole numbers for integer inputs)."""
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for arg in session.get_inputs():
@@ -130,10 +176,13 @@ def random_feeds(
         if dtype is None:
             raise SparsecError(f"input {arg.name} has type {arg.type}, which random inputs cannot fill")
         shape = input_shape(arg, shapes)
+        given = (ranges or {}).get(arg.name)
         if np.issubdtype(dtype, np.floating):
-            feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
+            values = rng.standard_normal(shape) if given is None else rng.uniform(given[0], given[1], shape)
+            feeds[arg.name] = values.astype(dtype)
         elif dtype is np.bool_:
             feeds[arg.name] = rng.integers(0, 2, shape).astype(bool)
         else:
-            feeds[arg.name] = rng.integers(int_range[0], int_range[1], shape).astype(dtype)
+            lo, hi = int_range if given is None else (int(given[0]), int(given[1]))
+            feeds[arg.name] = rng.integers(lo, hi, shape).astype(dtype)
     return feeds

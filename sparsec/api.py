@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from sparsec.compiler import compile_model
+from sparsec.errors import api_errors
 from sparsec.inspection import InspectReport, inspect_model
 from sparsec.options import CompileOptions, NMPattern
 from sparsec.report import Report
 
 
+@api_errors
 def compile(  # noqa: A001 - the natural name for a compiler's entry point
     model: str | Path,
     *,
@@ -82,6 +84,7 @@ def compile(  # noqa: A001 - the natural name for a compiler's entry point
     return compile_model(model, options, output)
 
 
+@api_errors
 def decode(outdir: str | Path, output: str | Path) -> Path:
     """Rebuild OUTDIR/model.onnx from OUTDIR/skeleton.onnx and OUTDIR/weights.sparsec."""
     from sparsec.encoding import restore
@@ -94,6 +97,7 @@ def decode(outdir: str | Path, output: str | Path) -> Path:
     return out
 
 
+@api_errors
 def inspect(model: str | Path, *, shapes: dict[str, tuple[int, ...]] | None = None) -> InspectReport:
     """List every prunable layer with its cost and whether it already holds 2:4 / 4:8."""
     return inspect_model(model, shapes)

@@ -3,7 +3,10 @@
 From each Softmax: back through mask Add, scale Mul/Div and Where/Cast to the QKᵀ MatMul,
 from its two inputs back through Transpose/Reshape and the bias Add to the constant Q and K
 projections; forward from the Softmax to the MatMul with V, back from its other input to the
-V projection, and on through Transpose/Reshape to the output projection. Pure analysis.
+V projection, and on through Transpose/Reshape to the output projection. Q, K and V may come
+from one fused [E, 3E] projection reshaped to [.., 3, H, D] and split into thirds (Slice, Gather,
+Split, Squeeze): each side then records its third. `Shape` readers and scalars computed from
+shapes (TorchScript's `context.size()`, `c // heads`) are not activations. Pure analysis.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ PASS_BACK = ("Transpose", "Reshape", "Cast", "Identity", "Mul", "Div", "Expand",
 FIRST_INPUT = ("Transpose", "Reshape", "Cast", "Identity", "Expand", "Tile", "Unsqueeze")
 SCORE_WRAP = ("Add", "Mul", "Div", "Where", "Cast", "Identity", "Sub")
 FUSED = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
+SELECT = ("Squeeze", "Slice", "Gather", "Split")
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,15 @@ class Projection:
     bias: str | None
     reshape: int | None  # the Reshape that splits (or merges) heads, next to the projection
     repeats: tuple[int, ...] = ()  # Reshapes after a K/V head repeat (grouped-query attention)
+    part: tuple[int, int] | None = None  # (third, parts) of a fused QKV weight laid out part-major
+
+
+def part_columns(proj: Projection, total: int) -> tuple[int, int]:
+    """The [start, stop) columns of the weight (and bias) this projection reads."""
+    if proj.part is None:
+        return 0, total
+    width = total // proj.part[1]
+    return proj.part[0] * width, (proj.part[0] + 1) * width
 
 
 @dataclass(frozen=True)
@@ -139,18 +152,61 @@ def _producer(index, pos, name):
 
 
 def _dynamic_input(index, node) -> str | None:
-    """The one input of a binary op that is not a constant."""
+    """The one input of a binary op that is not a constant (nor computed from shapes only)."""
     live = [n for n in node.input if n and index.resolve(n) is None and n not in index.constant_nodes
-            and n not in index.initializers]
+            and n not in index.initializers and not _from_shapes(index, n)]
     return live[0] if len(live) == 1 else None
+
+
+def _from_shapes(index, name: str, depth: int = 8) -> bool:
+    """True for a tensor computed only from `Shape`s and constants (a scale `head_dim ** -0.5`)."""
+    if name in index.initializers or name in index.constant_nodes:
+        return True
+    node = index.producer.get(name)
+    if node is None or depth == 0:
+        return False
+    if node.op_type in ("Shape", "Size"):
+        return True
+    return all(_from_shapes(index, x, depth - 1) for x in node.input if x)
 
 
 def _projection(index, nodes, pos, name) -> Projection | str:
     reshapes: list[int] = []
-    for _ in range(12):
+    select = None  # [third, parts or None, axis]: a third of a fused QKV tensor, walking back to its Reshape
+    part = None  # (third, parts) once that Reshape is found
+    for _ in range(16):
         node, i = _producer(index, pos, name)
         if node is None:
             return f"{name} does not come from a projection"
+        if node.op_type in SELECT:
+            if select is not None or part is not None:
+                return f"{node_display_name(node, i)}: two selections of a fused QKV tensor"
+            select = _select(index, node, name)
+            if isinstance(select, str):
+                return f"{node_display_name(node, i)}: {select}"
+            name = select.pop()
+            continue
+        if select is not None:
+            if node.op_type in ("Identity", "Cast"):
+                name = node.input[0]
+                continue
+            if node.op_type == "Transpose":
+                perm = list(_attr(node, "perm") or [])
+                axis = select[2] + len(perm) if select[2] < 0 else select[2]
+                if not 0 <= axis < len(perm):
+                    return f"{node_display_name(node, i)}: fused QKV axis not followed"
+                select[2] = perm[axis]
+                name = node.input[0]
+                continue
+            if node.op_type != "Reshape":
+                return f"{node_display_name(node, i)} ({node.op_type}) between fused QKV and its split"
+            parts = _fused_parts(index, node, select)
+            if isinstance(parts, str):
+                return f"{node_display_name(node, i)}: {parts}"
+            part, select = (select[0], parts), None
+            reshapes.append(i)
+            name = node.input[0]
+            continue
         if node.op_type == "Reshape":
             reshapes.append(i)
         if node.op_type in PASS_BACK:
@@ -173,9 +229,80 @@ def _projection(index, nodes, pos, name) -> Projection | str:
             if src.steps or src.storage != "initializer":
                 return f"{node_display_name(node, i)}: weight is not a plain initializer"
             split = reshapes[-1] if reshapes else None  # the one right after the projection
-            return Projection(i, src.key, bias_add, bias, split, tuple(reshapes[:-1]))
+            return Projection(i, src.key, bias_add, bias, split, tuple(reshapes[:-1]), part)
+        if select is not None:
+            return f"{node_display_name(node, i)}: fused QKV split without its head Reshape"
         return f"{node_display_name(node, i)} ({node.op_type}) is not a constant-weight MatMul"
     return f"{name}: projection too far back"
+
+
+def _attr(node, name: str):
+    found = next((a for a in node.attribute if a.name == name), None)
+    return None if found is None else onnx.helper.get_attribute_value(found)
+
+
+def _ints(index, node, k: int, attr: str) -> list[int] | None:
+    """A constant integer list from input k (newer opsets) or attribute `attr` (older ones)."""
+    if len(node.input) > k and node.input[k]:
+        value = _const(index, node.input[k])
+        return None if value is None else [int(v) for v in np.ravel(value)]
+    value = _attr(node, attr)
+    return None if value is None else [int(v) for v in np.ravel(value)]
+
+
+def _select(index, node, name: str) -> list | str:
+    """[third, parts (None until the Reshape says), axis, input to walk on] of a Slice, Gather, Split or
+    Squeeze(Slice|Split) picking one part of a fused QKV tensor."""
+    if node.op_type == "Squeeze":  # unbind: the Slice or Split before it picks the part
+        axes = _ints(index, node, 1, "axes")
+        if not axes or len(axes) != 1:
+            return "Squeeze without one constant axis"
+        inner = index.producer.get(node.input[0])
+        if inner is None or inner.op_type not in ("Slice", "Split"):
+            return "Squeeze without a Slice or Split"
+        found = _select(index, inner, node.input[0])
+        return found if isinstance(found, str) or found[2] == axes[0] else "Squeeze on another axis"
+    if node.op_type == "Gather":
+        value = _const(index, node.input[1])
+        if value is None or np.ndim(value) != 0:
+            return "Gather without one constant index"
+        return [int(value), None, int(_attr(node, "axis") or 0), node.input[0]]
+    if node.op_type == "Split":
+        sizes = _ints(index, node, 1, "split")
+        if sizes and len(set(sizes)) != 1 or sizes and sizes[0] != 1:
+            return "Split into unequal parts"
+        return [list(node.output).index(name), len(node.output), int(_attr(node, "axis") or 0), node.input[0]]
+    starts, ends = _ints(index, node, 1, "starts"), _ints(index, node, 2, "ends")
+    axes, steps = _ints(index, node, 3, "axes"), _ints(index, node, 4, "steps")
+    if not starts or not ends or len(starts) != 1 or (axes is not None and len(axes) != 1) \
+            or steps not in (None, [1]) or starts[0] < 0:
+        return "Slice is not one constant part"
+    return [starts[0], ("end", ends[0]), (axes or [0])[0], node.input[0]]
+
+
+def _fused_parts(index, reshape, select: list) -> int | str:
+    """How many parts the Reshape splits the projection into, with the part axis right before [H, D]."""
+    target = _const(index, reshape.input[1])
+    if target is None:
+        concat = index.producer.get(reshape.input[1])
+        if concat is None or concat.op_type != "Concat":
+            return "fused QKV Reshape target is not known"
+        pieces = [_const(index, x) for x in concat.input]
+        if any(p is not None and np.size(p) != 1 for p in pieces):
+            return "fused QKV Reshape target is not known"
+        target = [None if p is None else int(np.ravel(p)[0]) for p in pieces]
+    target = list(np.ravel(target)) if not isinstance(target, list) else target
+    axis = select[2] + len(target) if select[2] < 0 else select[2]
+    if axis != len(target) - 3 or target[axis] is None or target[axis] <= 1:
+        return "fused QKV layout is not [.., parts, heads, head_dim] (head-major layouts are not supported)"
+    parts = int(target[axis])
+    if isinstance(select[1], tuple):  # a Slice: [p, p + 1), the last one may end anywhere past it
+        end = select[1][1]
+        if not (end == select[0] + 1 or select[0] == parts - 1 and end >= parts):
+            return "Slice is not one part"
+    elif select[1] is not None and select[1] != parts:
+        return "Split count differs from the Reshape's part count"
+    return parts if 0 <= select[0] < parts else "part index out of range"
 
 
 def _match(index, nodes, pos, s) -> AttentionBlock | str:
@@ -202,11 +329,30 @@ def _match(index, nodes, pos, s) -> AttentionBlock | str:
         if isinstance(part, str):
             return f"{label} side: {part}"
     weights = {p.weight: index.initializers[p.weight] for p in (q, k, v, o)}
-    q_out, kv_out = weights[q.weight].dims[1], weights[k.weight].dims[1]
-    dim = _head_dim(index, nodes, q.reshape)
+    q_out, kv_out = (_width(p, weights[p.weight]) for p in (q, k))
+    fused = _fused_consistent(q, k, v)
+    if fused is not None:
+        return fused
+    dim = _head_dim(index, nodes, q.reshape, q_out)
     if dim is None or q_out % dim or kv_out % dim or weights[o.weight].dims[0] != q_out:
         return "head size not found in the Q Reshape"
     return AttentionBlock(s, node_display_name(nodes[s], s), q, k, v, o, q_out // dim, kv_out // dim, dim)
+
+
+def _width(proj: Projection, weight: onnx.TensorProto) -> int:
+    start, stop = part_columns(proj, int(weight.dims[1]))
+    return stop - start
+
+
+def _fused_consistent(q: Projection, k: Projection, v: Projection) -> str | None:
+    """Q, K and V from one fused weight must be its three distinct parts, split by one Reshape."""
+    fused = [p.part is not None for p in (q, k, v)]
+    if not any(fused):
+        return None
+    if not all(fused) or len({p.weight for p in (q, k, v)}) != 1 or len({p.reshape for p in (q, k, v)}) != 1 \
+            or sorted(p.part[0] for p in (q, k, v)) != [0, 1, 2] or q.part[1] != 3:
+        return "fused QKV: Q, K and V are not the three parts of one projection"
+    return None
 
 
 def _forward_matmul(index, nodes, pos, name) -> int | None:
@@ -225,7 +371,7 @@ def _forward_matmul(index, nodes, pos, name) -> int | None:
 def _output_projection(index, nodes, pos, name) -> Projection | str:
     reshape = None
     for _ in range(4):
-        users = index.consumers.get(name, [])
+        users = [u for u in index.consumers.get(name, []) if u.op_type != "Shape"]  # size() is no real use
         if len(users) != 1:
             return "context has several users"
         user = users[0]
@@ -245,8 +391,9 @@ def _output_projection(index, nodes, pos, name) -> Projection | str:
     return "no output projection"
 
 
-def _head_dim(index, nodes, reshape) -> int | None:
-    """The last entry of the Q Reshape's target: a constant, or a constant piece of a Concat."""
+def _head_dim(index, nodes, reshape, width: int) -> int | None:
+    """The last entry of the Q Reshape's target: a constant, or a constant piece of a Concat; when
+    that piece is computed (TorchScript's `c // heads`), the width over the constant head count before it."""
     if reshape is None:
         return None
     target = nodes[reshape].input[1]
@@ -256,10 +403,18 @@ def _head_dim(index, nodes, reshape) -> int | None:
         if node is None or node.op_type != "Concat":
             return None
         value = _const(index, node.input[-1])
+        if value is None and len(node.input) >= 2:
+            heads = _const(index, node.input[-2])
+            if heads is not None and np.size(heads) == 1 and int(np.ravel(heads)[0]) > 0 \
+                    and width % int(np.ravel(heads)[0]) == 0:
+                return width // int(np.ravel(heads)[0])
     return None if value is None or int(np.ravel(value)[-1]) <= 0 else int(np.ravel(value)[-1])
 
 
 def _const(index, name):
+    node = index.producer.get(name)
+    while node is not None and node.op_type == "Identity":  # Paddle exports route constants through Identity
+        name, node = node.input[0], index.producer.get(node.input[0])
     if name in index.initializers:
         return onnx.numpy_helper.to_array(index.initializers[name])
     if name in index.constant_nodes:

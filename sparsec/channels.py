@@ -14,12 +14,14 @@ Pure analysis: returns frozen data and never edits the graph.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from sparsec.layers import node_display_name
-from sparsec.weights import GraphIndex
+from sparsec.tensors import TensorStore
+from sparsec.weights import GraphIndex, to_effective
 
 
 @dataclass(frozen=True)
@@ -104,11 +106,14 @@ class State:
     """Mutable working state of one analysis run (the rules write into it)."""
 
     def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple],
-                 ranks: dict[str, int] | None = None) -> None:
+                 ranks: dict[str, int] | None = None, store: TensorStore | None = None,
+                 dims: dict[str, tuple[int | None, ...]] | None = None) -> None:
         self.model = model
         self.index = GraphIndex(model.graph)
         self.shapes = shapes
         self.ranks = ranks or {}
+        self.dims = dims or {}
+        self.store = store if store is not None else TensorStore(Path("."))  # inline values only
         self.parent: list[int] = []
         self.layouts: dict[str, Layout] = {}
         self.actions: list[Action] = []
@@ -139,17 +144,16 @@ class State:
             self.blocked.setdefault(int(e), reason)
 
     def constant(self, name: str) -> np.ndarray | None:
-        """Values of a constant input (initializer or Constant node), else None."""
+        """Values of a constant input (initializer or Constant node, also through Identity,
+        Transpose or a float Cast) as the node sees them, read through the store; else None."""
         src = self.index.resolve(name) if name else None
         if src is None:
             tensor = self.index.initializers.get(name)
-            if tensor is None:
-                node = self.index.constant_nodes.get(name)
-                if node is None:
-                    return None
-                return onnx.numpy_helper.to_array(node.attribute[0].t)
-            return onnx.numpy_helper.to_array(tensor)
-        return onnx.numpy_helper.to_array(self.index.constant(src)) if not src.steps else None
+            node = self.index.constant_nodes.get(name)
+            if tensor is None and node is not None:
+                tensor = node.attribute[0].t
+            return None if tensor is None else self.store.read(tensor)
+        return to_effective(self.store.read(self.index.constant(src)), src.steps)
 
     def rank(self, name: str) -> int | None:
         if name in self.layouts:
@@ -159,15 +163,18 @@ class State:
 
 
 def analyse_channels(model: onnx.ModelProto, shapes: dict[str, tuple],
-                     ranks: dict[str, int] | None = None) -> ChannelAnalysis:
+                     ranks: dict[str, int] | None = None, store: TensorStore | None = None,
+                     dims: dict[str, tuple[int | None, ...]] | None = None) -> ChannelAnalysis:
     """Follow the channel axis through the graph (nodes are in topological order).
 
     `shapes` are concrete shapes where inference settled them, `ranks` the ranks known
-    otherwise (symbolic dims); a rule that needs an unknown rank blocks instead of guessing.
+    otherwise (symbolic dims), `dims` the partly known shapes (None for an unsettled dim);
+    a rule that needs an unknown rank or dim blocks instead of guessing. Every value is read
+    through `store` (external data included).
     """
     from sparsec.channel_rules import RULES, unknown_op
 
-    state = State(model, shapes, ranks)
+    state = State(model, shapes, ranks, store, dims)
     for i, node in enumerate(model.graph.node):
         RULES.get(node.op_type, unknown_op)(state, i, node)
     for out in model.graph.output:

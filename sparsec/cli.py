@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from sparsec import __version__, api
-from sparsec.errors import SparsecError
+from sparsec.errors import CLI_ACTIVE, SparsecError
 from sparsec.options import parse_shapes
 
 
@@ -28,6 +28,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        token = CLI_ACTIVE.set(True)  # errors keep naming CLI flags, not API keywords
         try:
             return fn(*args, **kwargs)
         except SparsecError as exc:
@@ -35,6 +36,10 @@ def user_errors(fn):
         except OSError as exc:
             where = f" {exc.filename}" if exc.filename else ""
             raise UserError(f"I/O error{where}: {exc.strerror or exc}", 1) from None
+        except KeyboardInterrupt:  # the shell convention 128 + SIGINT; click's Abort would exit 1
+            raise UserError("interrupted", 130) from None
+        finally:
+            CLI_ACTIVE.reset(token)
 
     return wrapper
 
@@ -83,7 +88,8 @@ def cli(verbose: bool) -> None:
               help="Calibration data: arrays keyed by input name, axis 0 = samples.")
 @click.option("--calib-random", type=int, metavar="N", help="Draw N calibration samples from the input spec.")
 @click.option("--calib-range", "calib_range", multiple=True, metavar="NAME=lo,hi",
-              help="Integer range of a random input, e.g. input_ids=0,30522 (repeatable).")
+              help="Value range [lo, hi) of a random input for --calib-random and for verification "
+                   "without --calib, e.g. input_ids=0,30522 (repeatable).")
 @click.option("--calib-samples", type=int, metavar="N", help="Use the first N calibration samples.")
 @click.option("--batch", type=int, default=8, show_default=True, help="Calibration batch size.")
 @click.option("--providers", default="cpu", show_default=True,
@@ -173,6 +179,8 @@ def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: floa
         encode=encode, rle_bits=rle_bits, sparse_initializers=sparse_initializers,
     )
     click.echo(report.to_json() if as_json else summary_table(report))
+    if report.nothing_pruned:
+        click.echo(f"sparsec: {report.nothing_pruned}", err=True)
 
 
 @cli.command("inspect")

@@ -48,15 +48,18 @@ def masked_model(model: onnx.ModelProto, store: TensorStore, analysis: ChannelAn
 
 
 def compute_compensation(model: onnx.ModelProto, store: TensorStore, analysis: ChannelAnalysis,
-                         removed: frozenset[int], fixed: dict, seed: int = 0) -> Compensation:
+                         removed: frozenset[int], fixed: dict, seed: int = 0,
+                         ranges: dict[str, tuple[float, float]] | None = None) -> Compensation:
     """Run the masked model once and read each removed channel at each consumer's input."""
-    from sparsec.runtime.session import make_session_from_proto, random_feeds
+    from sparsec.runtime.session import make_session_from_proto, random_feeds, run_checked
 
     masked = masked_model(model, store, analysis, removed)
     wanted = {}
     for a in analysis.actions:
         if a.kind == "consumer" and any(e in removed for e in a.layout):
             wanted[a.node] = masked.graph.node[a.node].input[0]
+    if not wanted:  # nothing removed reaches a consumer: no run, nothing to fold
+        return Compensation({}, {}, masked)
     probe = onnx.ModelProto()
     probe.CopyFrom(masked)
     have = {o.name for o in probe.graph.output}
@@ -65,7 +68,8 @@ def compute_compensation(model: onnx.ModelProto, store: TensorStore, analysis: C
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
     session = make_session_from_proto(probe)
     names = [o.name for o in session.get_outputs()]
-    values = dict(zip(names, session.run(names, random_feeds(session, fixed, seed)), strict=True))
+    feeds = random_feeds(session, fixed, seed, ranges=ranges)  # --calib-range: valid integer inputs
+    values = dict(zip(names, run_checked(session, names, feeds, "the masked model"), strict=True))
     constants: dict[tuple[int, int], float] = {}
     varying: dict[str, float] = {}
     for a in analysis.actions:

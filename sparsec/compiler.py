@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,12 +24,15 @@ from sparsec.passes.precision import PrecisionPass
 from sparsec.passes.prune_weights import PruneWeightsPass
 from sparsec.passes.sparsegpt import SparseGPTPass
 from sparsec.pipeline import PassContext, PassResult, Pipeline
+from sparsec.quant import zero_point
 from sparsec.report import LayerEntry, Report, totals
 from sparsec.runtime.calibrate import CalibrationSettings
 from sparsec.runtime.session import make_session_from_proto
 from sparsec.runtime.tensorrt import trt_commands
-from sparsec.selection import PruneTarget, depth_levels, select_targets
+from sparsec.selection import PruneTarget, depth_levels, nothing_pruned, select_targets
 from sparsec.weights import GraphIndex
+
+log = logging.getLogger(__name__)
 
 
 def build_pipeline(options: CompileOptions, targets: list[PruneTarget], model: onnx.ModelProto,
@@ -50,10 +54,10 @@ def build_pipeline(options: CompileOptions, targets: list[PruneTarget], model: o
         return Pipeline(passes)
     passes = []
     gram = options.method == "sparsegpt"
-    if options.owl:
+    if options.owl and targets:
         passes += [CalibratePass(targets, settings), OwlPass(targets, options.sparsity or 0.0,
                                                              options.owl_lambda, options.owl_m)]
-    levels = depth_levels(model, targets) if options.sequential else [targets]
+    levels = (depth_levels(model, targets) if options.sequential else [targets]) if targets else []
     for level, group in enumerate(levels):
         if settings is not None and (options.sequential or not options.owl or gram):
             passes.append(CalibratePass(group, settings, gram=gram,
@@ -64,6 +68,16 @@ def build_pipeline(options: CompileOptions, targets: list[PruneTarget], model: o
     if options.nm is not None and options.precision != "fp32":
         passes.append(CheckPatternPass(targets, options.nm))  # conversion must keep the zeros
     return Pipeline(passes)
+
+
+def build_prepasses(options: CompileOptions) -> Pipeline:
+    """Passes that run before analysis of a weight-pruning compile: BatchNorm folding, so the
+    N:M or unstructured pattern is chosen on the weights TensorRT multiplies by (it folds BN too)."""
+    if options.structured or not options.folds_bn:
+        return Pipeline([])
+    from sparsec.passes.fold_bn import FoldBatchNormPass
+
+    return Pipeline([FoldBatchNormPass()])
 
 
 def _prune_pass(options: CompileOptions, group: list[PruneTarget]):
@@ -92,13 +106,21 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
     ctx = PassContext(model, loaded.store)
 
     start = time.perf_counter()
+    prepared = build_prepasses(options).run(ctx)
+    model = ctx.model
     fixed = fixed_input_shapes(model, options.shapes)
     analysis = find_layers(model)
     targets, skipped = select_targets(analysis, options)
+    nothing = (nothing_pruned(analysis, targets, skipped)
+               if options.prunes_weights and not (options.structured or options.transformer) else None)
     macs = all_layer_macs(model, loaded.store, analysis.layers, fixed)
     timings["analyze_s"] = time.perf_counter() - start
 
-    settings = _calibration(loaded, options, fixed) if options.calibrated else None
+    settings = _calibration(loaded, options, fixed) if options.calibrated and not nothing else None
+    if options.verify and not options.calibrated and options.calib_range:  # ranges for random verification
+        from sparsec.runtime.calib_data import check_ranges, input_specs
+
+        check_ranges(input_specs(model), options.calib_range)
     plan = masked = None
     if options.transformer:
         from sparsec.transformer_compile import plan_transformer
@@ -113,11 +135,12 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
         masked = plan.compensation.masked
         timings["analyze_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    results = build_pipeline(options, targets, model, settings, plan).run(ctx)
+    results = prepared + build_pipeline(options, targets, model, settings, plan).run(ctx)
     timings["prune_s"] = time.perf_counter() - start
 
     # the report reads final weights before saving moves them into the new data file
     report = _report(ctx, loaded.path, out, options, analysis, skipped, macs, results)
+    report.nothing_pruned = nothing
     if plan is not None:
         from sparsec.structured_report import structured_section
 
@@ -125,7 +148,7 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
         if options.transformer:
             from sparsec.transformer_compile import transformer_section
 
-            report.transformer = transformer_section(plan, model, fixed)
+            report.transformer = transformer_section(plan, model, ctx.store, fixed)
     blobs = _encode(ctx, options, analysis, results, loaded.external, report)
     with staged_dir(out, options.force, (model_path, *loaded.data_files)) as tmp:
         if blobs:
@@ -144,12 +167,13 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
         timings["save_s"] = time.perf_counter() - start
         if options.verify:
             start = time.perf_counter()
-            report.verify = _verify(model_path, tmp / "model.onnx", ctx, fixed, options)
+            report.verify = _verify(model_path, tmp / "model.onnx", ctx, fixed, options, settings)
+            _check_exact(report.verify, options)
             if masked is not None and "max_abs_diff" in report.verify:
                 from sparsec.structured_report import verify_masked
 
                 report.verify["masked"] = verify_masked(masked, tmp / "model.onnx", fixed, options.seed,
-                                                        options.recover)
+                                                        options.recover, options.calib_range)
             timings["verify_s"] = time.perf_counter() - start
         report.timings = timings
         (tmp / "report.json").write_text(report.to_json())
@@ -176,6 +200,9 @@ def _encode(ctx: PassContext, options: CompileOptions, analysis: LayerAnalysis,
     """Encode every pruned weight (weight-pruning compiles); the report lists every candidate."""
     if options.structured:
         return {}
+    if not options.prunes_weights:
+        report.encoding = {"skipped": "no weight was pruned (--fold-bn only)"}
+        return {}
     if options.encode == "none":
         report.encoding = {"skipped": "--encode none"}
         return {}
@@ -187,6 +214,10 @@ def _encode(ctx: PassContext, options: CompileOptions, analysis: LayerAnalysis,
 
     pruned = {n for r in results for w in r.details.get("weights", []) for n in w.layers}
     layers = [la for la in analysis.layers if la.name in pruned]
+    if not layers:
+        report.encoding = {"skipped": "no weight was pruned: weights.sparsec and skeleton.onnx are "
+                                      "not written"}
+        return {}
     blobs, rows = encode_weights(ctx.model, ctx.store, layers, options.nm, options.encode, options.rle_bits)
     formats: dict[str, int] = {}
     for row in rows:
@@ -198,30 +229,62 @@ def _encode(ctx: PassContext, options: CompileOptions, analysis: LayerAnalysis,
     return blobs
 
 
-def _verify(dense: Path, pruned: Path, ctx: PassContext, fixed: dict, options: CompileOptions
-            ) -> dict:
-    """Dense vs final model in onnxruntime; after a precision change also the conversion drift."""
-    from sparsec.runtime.session import make_session, random_feeds
-    from sparsec.runtime.verify import compare_outputs, verify_models
+def _verify(dense: Path, pruned: Path, ctx: PassContext, fixed: dict, options: CompileOptions,
+            settings: CalibrationSettings | None = None) -> dict:
+    """Dense vs final model in onnxruntime on the first calibration samples when there are some, else
+    on random inputs (--calib-range, --shape; guessed dims warned about); after a precision change
+    also the conversion drift on the same inputs."""
+    from sparsec.macs import assumed_dims
+    from sparsec.runtime.session import make_session
+    from sparsec.runtime.verify import (
+        calibration_inputs,
+        compare_outputs,
+        random_inputs,
+        run_batches,
+        verify_models,
+    )
 
-    if options.precision != "fp32":
-        try:
-            make_session(pruned)
-        except SparsecError as exc:
-            return {"skipped": f"{options.precision} model not runnable on onnxruntime CPU: {exc}"}
-    result = verify_models(dense, pruned, fixed, options.seed).as_dict()
+    try:
+        final = make_session(pruned)
+    except SparsecError as exc:
+        if options.precision == "fp32":
+            raise
+        return {"skipped": f"{options.precision} model not runnable on onnxruntime CPU: {exc}"}
+    if settings is not None:
+        inputs = calibration_inputs(settings.data, options.batch)
+    else:
+        guessed = assumed_dims(ctx.model, options.shapes)
+        for name, dims in guessed.items():
+            log.warning("verify: input %s has symbolic dims %s that no --shape fixes; they are set to 1, "
+                        "which may not exercise the model (give --shape %s=...)",
+                        name, ", ".join(map(str, dims)), name)
+        inputs = random_inputs(final, fixed, options.seed, options.calib_range, guessed)
+    result = verify_models(dense, pruned, fixed, options.seed, inputs).as_dict()
+    if not result["informative"]:
+        log.warning("verify: %s", result["reason"])
     before = ctx.facts.get("model_before_precision")
     if before is not None and before.ByteSize() < TWO_GB:
-        final = make_session(pruned)
-        feeds = random_feeds(final, fixed, options.seed)
         names = [o.name for o in final.get_outputs()]
-        ref = make_session_from_proto(before).run(names, feeds)
-        diffs = compare_outputs(ref, final.run(names, feeds), names)
+        ref = run_batches(make_session_from_proto(before), names, inputs.batches)
+        diffs = compare_outputs(ref, run_batches(final, names, inputs.batches), names)
         result["precision_drift"] = {
             "max_abs_diff": max(d.max_abs_diff for d in diffs),
             "outputs": [asdict(d) for d in diffs],
         }
     return result
+
+
+FOLD_ONLY_RTOL = 1e-4  # BatchNorm folding is exact up to float32 rounding
+
+
+def _check_exact(verify: dict, options: CompileOptions) -> None:
+    """A compile that only folds BatchNorm must reproduce the dense outputs; never write one that does not."""
+    if options.prunes_weights or options.structured or options.precision != "fp32" or "outputs" not in verify:
+        return
+    for out in verify["outputs"]:
+        if out["max_abs_diff"] > FOLD_ONLY_RTOL * max(out["max_abs_dense"], 1.0):
+            raise SparsecError(f"BatchNorm folding changed output {out['name']} by {out['max_abs_diff']:.3g}",
+                               "nothing was written; compile without --fold-bn and report this model")
 
 
 def _itemsize(tensor: onnx.TensorProto) -> int:
@@ -230,7 +293,7 @@ def _itemsize(tensor: onnx.TensorProto) -> int:
 
 def _pass_entry(result: PassResult) -> dict:
     entry = {"name": result.name, "modified": result.modified, "seconds": result.seconds}
-    for key in ("samples", "level", "layer_sparsity", "outlier_ratio"):
+    for key in ("samples", "level", "layer_sparsity", "outlier_ratio", "folded", "kept"):
         if result.details.get(key) is not None:
             entry[key] = result.details[key]
     return entry
@@ -254,7 +317,8 @@ def _report(ctx: PassContext, model_path: Path, out: Path, options: CompileOptio
                 weight_bytes[layer.weight] = done.params * _itemsize(tensor)
             else:
                 values = ctx.store.read(tensor)
-                nonzeros_cache[layer.weight] = count_nonzero(values)
+                zero = zero_point(index, ctx.store, layer.source)  # a QDQ weight's zero point
+                nonzeros_cache[layer.weight] = count_nonzero(values, zero)
                 weight_bytes[layer.weight] = values.nbytes
         nz = nonzeros_cache[layer.weight]
         macs = macs_by_layer[layer.name]

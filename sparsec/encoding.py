@@ -17,20 +17,11 @@ from sparsec.errors import SparsecError
 from sparsec.runtime.codec import FORMATS, candidate_sizes, choose, formula_estimates
 from sparsec.runtime.container import read_container, write_container
 from sparsec.tensors import TensorStore
-from sparsec.weights import GraphIndex, WeightSource
+from sparsec.weights import GraphIndex, stored_axis
 
 CONTAINER = "weights.sparsec"
 SKELETON = "skeleton.onnx"
 CONSTANT_PREFIX = "constant:"  # Constant-node tensors are keyed by the node's output name
-
-
-def stored_axis(source: WeightSource, axis: int) -> int:
-    """The stored tensor's axis that the layer reads as `axis` (through Transpose steps)."""
-    for step in reversed(source.steps):
-        if step.op == "Transpose":
-            perm = step.perm or tuple(reversed(range(len(source.stored_shape))))
-            axis = perm[axis]
-    return axis
 
 
 def encode_weights(model: onnx.ModelProto, store: TensorStore, layers: list, nm, force: str,

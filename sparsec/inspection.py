@@ -6,13 +6,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sparsec import __version__
 from sparsec.graph import load_model
 from sparsec.layers import find_layers
 from sparsec.macs import all_layer_macs, fixed_input_shapes
-from sparsec.masks import satisfies_nm
+from sparsec.masks import count_nonzero, satisfies_nm
+from sparsec.quant import effective_zero
 from sparsec.report import _count, strict_json
 from sparsec.selection import nm_skip_reason
 from sparsec.weights import GraphIndex, to_effective
@@ -63,13 +62,14 @@ def inspect_model(model_path: str | Path, shapes: dict[str, tuple[int, ...]] | N
     layers = []
     for layer in analysis.layers:
         values = to_effective(loaded.store.read(index.constant(layer.source)), layer.source.steps)
+        zero = effective_zero(index, loaded.store, layer.source)  # a QDQ weight's zero point
         layers.append(InspectLayer(
             name=layer.name, op=layer.op, weight=layer.weight, shape=list(layer.shape),
             reduction_axis=layer.reduction_axis, params=layer.params,
-            nonzeros=int(np.count_nonzero(values)),
+            nonzeros=count_nonzero(values, zero),
             macs=macs[layer.name],
             tensorrt_nm={f"{n}:{m}": nm_skip_reason(layer, m) for n, m in PATTERNS},
-            satisfies={f"{n}:{m}": satisfies_nm(values, n, m, layer.reduction_axis)
+            satisfies={f"{n}:{m}": satisfies_nm(values, n, m, layer.reduction_axis, zero)
                        for n, m in PATTERNS},
         ))
     from sparsec.attention import find_attention

@@ -11,9 +11,16 @@ from dataclasses import dataclass
 
 import onnx
 
-from sparsec.weights import GraphIndex, WeightSource, _attr, effective_shape
+from sparsec.weights import GraphIndex, WeightSource, _attr, effective_shape, stored_axis
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Ops that multiply integer weights directly: no DequantizeLinear says what "zero" is to them
+# in a form sparsec rewrites, so they are listed as skipped.
+INTEGER_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLSTM",
+               "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+INTEGER_REASON = ("integer op {op}: sparsec prunes float weights and QDQ weights (DequantizeLinear "
+                  "before Conv/Gemm/MatMul); prune the float model before quantizing, or quantize "
+                  "with QuantFormat.QDQ")
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class Skipped:
     op: str
     weight: str
     reason: str
+    kind: str = "other"  # short class of the reason, for the one-line summary
 
 
 @dataclass(frozen=True)
@@ -78,23 +86,45 @@ def find_layers(model: onnx.ModelProto) -> LayerAnalysis:
     skipped: list[Skipped] = []
     for i, node in enumerate(model.graph.node):
         if node.op_type in ("If", "Loop", "Scan"):
-            skipped.append(Skipped(node_display_name(node, i), node.op_type, "",
-                                   "subgraphs are not analysed; their layers stay dense"))
+            skipped += _subgraph_layers(node, node_display_name(node, i), set(index.initializers))
+        if node.op_type in INTEGER_OPS:
+            weight = next((n for n in node.input[1:] if n in index.initializers), "")
+            skipped.append(Skipped(node_display_name(node, i), node.op_type, weight,
+                                   INTEGER_REASON.format(op=node.op_type), "integer op"))
         if node.op_type not in WEIGHT_OPS:
             continue
         layer, reason = _describe(node, i, index)
         if layer is not None:
             found.append(layer)
         elif reason is not None:
-            skipped.append(Skipped(node_display_name(node, i), node.op_type, "", reason))
+            skipped.append(Skipped(node_display_name(node, i), node.op_type, "", reason, "not prunable"))
     layers, shared_skips = _check_sharing(found, index)
     return LayerAnalysis(tuple(layers), tuple(skipped + shared_skips))
+
+
+def _subgraph_layers(node: onnx.NodeProto, where: str, outer: set[str]) -> list[Skipped]:
+    """Every weight layer inside an If/Loop/Scan body (nested ones included), listed as left dense:
+    the tensor store and the passes rewrite the main graph only."""
+    found: list[Skipped] = []
+    for attr in node.attribute:
+        for body in [attr.g] * (attr.type == onnx.AttributeProto.GRAPH) + list(attr.graphs):
+            consts = outer | {t.name for t in body.initializer}
+            consts |= {n.output[0] for n in body.node if n.op_type == "Constant"}
+            for j, inner in enumerate(body.node):
+                name = f"{where}/{node_display_name(inner, j)}"
+                if inner.op_type in WEIGHT_OPS:
+                    weight = next((x for x in inner.input[:2] if x in consts), "")
+                    found.append(Skipped(name, inner.op_type, weight, f"inside {node.op_type} {where}'s "
+                                         "subgraph: layers in If/Loop/Scan subgraphs stay dense", "subgraph"))
+                if inner.op_type in ("If", "Loop", "Scan"):
+                    found += _subgraph_layers(inner, name, consts)
+    return found
 
 
 def _describe(node: onnx.NodeProto, i: int, index: GraphIndex):
     op, name = node.op_type, node_display_name(node, i)
     if op in ("Conv", "ConvTranspose"):
-        src = index.resolve(node.input[1]) if len(node.input) > 1 else None
+        src = index.resolve(node.input[1], quantized=True) if len(node.input) > 1 else None
         if src is None:
             return None, "weight is not a constant"
         shape = effective_shape(src)
@@ -104,16 +134,16 @@ def _describe(node: onnx.NodeProto, i: int, index: GraphIndex):
         red, out = (1, 0) if op == "Conv" else (0, 1)
         return Layer(name, op, i, src, 1, shape, red, out, groups), None
     if op == "Gemm":
-        b = index.resolve(node.input[1])
-        a = index.resolve(node.input[0]) if b is None else None
+        b = index.resolve(node.input[1], quantized=True)
+        a = index.resolve(node.input[0], quantized=True) if b is None else None
         src, idx = (b, 1) if b is not None else (a, 0)
         if src is None:
             return None, None  # activation x activation: nothing to prune
         trans = int(_attr(node, "transB" if idx == 1 else "transA") or 0)
         red, out = ((1, 0) if trans else (0, 1)) if idx == 1 else ((0, 1) if trans else (1, 0))
         return _two_d(name, i, op, src, idx, red, out)
-    b = index.resolve(node.input[1])
-    a = index.resolve(node.input[0])
+    b = index.resolve(node.input[1], quantized=True)
+    a = index.resolve(node.input[0], quantized=True)
     if a is not None and b is not None:
         return None, "both MatMul operands are constant (fold it first)"
     if b is not None:
@@ -142,12 +172,20 @@ def _check_sharing(layers: list[Layer], index: GraphIndex):
         if reason is None:
             kept.extend(users)
         else:
-            skipped.extend(Skipped(u.name, u.op, key, reason) for u in users)
+            skipped.extend(Skipped(u.name, u.op, key, reason, "shared") for u in users)
     return kept, skipped
 
 
+def _layout(u: Layer) -> tuple:
+    """What pruning a shared weight once depends on: the stored axes each user reduces and
+    outputs along, and how it is dequantized. Identity and Cast steps do not change it."""
+    src = u.source
+    return (u.shape, stored_axis(src, u.reduction_axis), stored_axis(src, u.output_axis), u.groups,
+            src.dequant)
+
+
 def _sharing_problem(key: str, users: list[Layer], index: GraphIndex) -> str | None:
-    layouts = {(u.shape, u.reduction_axis, u.output_axis, u.groups, u.source.steps) for u in users}
+    layouts = {_layout(u) for u in users}
     if len(layouts) > 1:
         names = ", ".join(f"{u.name} ({u.op})" for u in users)
         return f"weight {key} is shared by {names} with different layouts"

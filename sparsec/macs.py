@@ -17,6 +17,12 @@ from sparsec.tensors import TensorStore, inline_copy
 _LARGE = 64  # initializers above this many elements are never shape data
 
 
+def static_dim(dim: onnx.TensorShapeProto.Dimension) -> int | None:
+    """A dim's fixed size, or None when it is symbolic: older Paddle exports write dim_value -1 for a
+    dynamic dim, and onnxruntime reads every negative dim_value as dynamic, so sparsec does too."""
+    return dim.dim_value if dim.HasField("dim_value") and dim.dim_value >= 0 else None
+
+
 def fixed_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict:
     """Every real graph input's concrete shape: --shape values, else symbolic dims as 1."""
     inits = {t.name for t in model.graph.initializer}
@@ -34,13 +40,27 @@ def fixed_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
             raise SparsecError(f"--shape {inp.name}: gave {len(given)} dims, the input has rank {len(dims)}")
         out = []
         for k, d in enumerate(dims):
-            static = d.dim_value if d.HasField("dim_value") else None
+            static = static_dim(d)
             if given is not None and static is not None and given[k] != static:
                 raise SparsecError(f"--shape {inp.name}: dim {k} is fixed to {static} in the model, "
                                    f"not {given[k]}")
             out.append(given[k] if given is not None else (static or 1))
         fixed[inp.name] = tuple(out)
     return fixed
+
+
+def assumed_dims(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
+    """Input name -> symbolic dims after the first (batch) that no --shape fixes: fixed_input_shapes sets
+    them to 1, which a spatial or sequence dim rarely is, so callers say so."""
+    inits = {t.name for t in model.graph.initializer}
+    out = {}
+    for inp in model.graph.input:
+        if inp.name in inits or inp.name in shapes:
+            continue
+        dims = [k for k, d in enumerate(inp.type.tensor_type.shape.dim) if k > 0 and static_dim(d) is None]
+        if dims:
+            out[inp.name] = dims
+    return out
 
 
 def _inferred(model: onnx.ModelProto, fixed: dict[str, tuple[int, ...]]) -> onnx.ModelProto | None:
@@ -72,7 +92,7 @@ def infer_shapes(model: onnx.ModelProto, fixed: dict[str, tuple[int, ...]]) -> d
     if inferred is not None:
         for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
             dims = vi.type.tensor_type.shape.dim
-            if dims and all(d.HasField("dim_value") for d in dims):
+            if dims and all(static_dim(d) is not None for d in dims):
                 found[vi.name] = tuple(d.dim_value for d in dims)
     found.update(fixed)
     return found
@@ -89,6 +109,25 @@ def infer_types(model: onnx.ModelProto, fixed: dict[str, tuple[int, ...]]) -> di
         t = vi.type.tensor_type
         if t.HasField("shape"):
             found[vi.name] = (t.elem_type, len(t.shape.dim))
+    return found
+
+
+def infer_dims(model: onnx.ModelProto, fixed: dict[str, tuple[int, ...]]
+               ) -> dict[str, tuple[int | None, ...]]:
+    """Tensor name -> dims wherever inference knows the rank, None for a dim it cannot settle.
+
+    A channel rule often needs one dim only (an NHWC tensor's last axis, a constant's channel
+    count) where the others stay symbolic."""
+    inferred = _inferred(model, fixed)
+    values = list(model.graph.input)
+    if inferred is not None:
+        values += list(inferred.graph.value_info) + list(inferred.graph.output)
+    found: dict[str, tuple[int | None, ...]] = {}
+    for vi in values:
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            found[vi.name] = tuple(static_dim(d) for d in t.shape.dim)
+    found.update({name: tuple(shape) for name, shape in fixed.items()})
     return found
 
 

@@ -158,19 +158,23 @@ def apply_mask(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return out
 
 
-def count_nonzero(values: np.ndarray) -> int:
-    """Non-zeros, with -0.0 counted as zero (a compare is 2× faster than numpy's float count)."""
-    return int(np.count_nonzero(values != 0))
+def count_nonzero(values: np.ndarray, zero: np.ndarray | None = None) -> int:
+    """Non-zeros, with -0.0 counted as zero (a compare is 2× faster than numpy's float count).
+
+    `zero` (broadcastable) is what counts as zero instead of 0: a QDQ weight's zero point.
+    """
+    return int(np.count_nonzero(values != (0 if zero is None else zero)))
 
 
-def satisfies_nm(weight: np.ndarray, n: int, m: int, axis: int) -> bool:
-    """True when every m consecutive weights along `axis` hold at most n non-zeros."""
+def satisfies_nm(weight: np.ndarray, n: int, m: int, axis: int, zero: np.ndarray | None = None) -> bool:
+    """True when every m consecutive weights along `axis` hold at most n non-zeros
+    (values other than `zero`, broadcastable, when given: a QDQ weight's zero point)."""
     shape = weight.shape
     if shape[axis] % m:
         return False
     pre = math.prod(shape[:axis]) * (shape[axis] // m)
     post = math.prod(shape[axis + 1 :])
-    nonzero = np.ascontiguousarray(weight).reshape(pre, m, post) != 0
+    nonzero = np.ascontiguousarray(weight != (0 if zero is None else zero)).reshape(pre, m, post)
     return bool((nonzero.sum(axis=1) <= n).all())
 
 

@@ -135,6 +135,11 @@ class CompileOptions:
         return self.structured if self.fold_bn is None else self.fold_bn
 
     @property
+    def prunes_weights(self) -> bool:
+        """False for a compile that only folds BatchNorm (--fold-bn without --nm/--sparsity)."""
+        return self.nm is not None or self.sparsity is not None
+
+    @property
     def calibrated(self) -> bool:
         return self.calib is not None or self.calib_random is not None
 
@@ -223,8 +228,8 @@ class CompileOptions:
         self._check_channels()
         if self.structured:
             return
-        if self.nm is None and self.sparsity is None:
-            raise SparsecError("nothing to do: give --nm N:M, --sparsity S or --channels R")
+        if self.nm is None and self.sparsity is None and not self.fold_bn:
+            raise SparsecError("nothing to do: give --nm N:M, --sparsity S, --channels R or --fold-bn")
         if self.nm is not None and self.sparsity is not None:
             raise SparsecError("--nm and --sparsity are exclusive", "choose one pattern")
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:

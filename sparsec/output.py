@@ -45,7 +45,7 @@ def check_output_dir(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> 
 
 def _check_ours(out: Path) -> None:
     """--force replaces only an empty directory or one sparsec wrote: a sparsec report.json and
-    nothing but sparsec's outputs (an engine built beside them included). Anything else is refused."""
+    nothing but sparsec's outputs (an engine built beside them included); anything else is refused."""
     from sparsec.encoding import CONTAINER, SKELETON
     from sparsec.graph import EXTERNAL_DATA_NAME
 
@@ -57,8 +57,9 @@ def _check_ours(out: Path) -> None:
     except (OSError, ValueError, TypeError):
         ours = False
     if not ours:
-        raise SparsecError(f"--force refuses to replace {out}: it has no report.json written by sparsec",
-                           "remove the directory yourself or choose another -o")
+        raise SparsecError(f"--force refuses to replace {out}: it was not written by sparsec (no sparsec "
+                           f"report.json; it holds {entries[0].name})",
+                           "remove it yourself or choose another -o")
     known = {"model.onnx", "report.json", CONTAINER, SKELETON, EXTERNAL_DATA_NAME}
     for entry in entries:
         if not entry.is_file() or (entry.name not in known and entry.suffix != ".engine"):

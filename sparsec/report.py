@@ -52,6 +52,7 @@ class Report:
     channels: dict[str, Any] | None = None  # channel pruning: sources, groups, compensation
     transformer: dict[str, Any] | None = None  # heads/FFN per block and the cost model
     encoding: dict[str, Any] | None = None  # weights.sparsec: format and sizes per tensor
+    nothing_pruned: str | None = None  # one line: why a weight-pruning compile changed no weight
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +134,10 @@ def summary_table(report: Report) -> str:
                 lines.append(f"kept whole: {', '.join(g['sources'][:3])}: {g['untouchable'][0]}")
         for item in c["compensation"]["inexact_consumers"]:
             lines.append(f"compensation inexact: {item}")
+    for p in (p for p in report.passes if p["name"] == "fold-bn"):
+        lines.append(f"fold-bn: folded {len(p.get('folded', []))} BatchNormalization, "
+                     f"kept {len(p.get('kept', []))}")
+        lines += [f"kept BatchNormalization {bn}: {why}" for bn, why in p.get("kept", [])]
     for s in report.skipped:
         lines.append(f"left dense: {s['name']} ({s['op']}): {s['reason']}")
     if report.encoding and "totals" in report.encoding:
@@ -148,9 +153,18 @@ def summary_table(report: Report) -> str:
             lines.append(f"oracle (pruned vs dense with the same filters zeroed): "
                          f"max |diff| {v['masked']['max_abs_diff']:.3g}")
         if "max_abs_diff" in v:
-            worst = min((o["cosine"] for o in v["outputs"]), default=1.0)
-            lines.append(f"verify (onnxruntime, dense vs pruned): max |diff| {v['max_abs_diff']:.3g}, "
-                         f"mean |diff| {v['mean_abs_diff']:.3g}, min output cosine {worst:.4f}")
+            worst = min((o["cosine"] for o in v["outputs"] if not o.get("degenerate")), default=None)
+            cosine = "no informative output" if worst is None else f"min output cosine {worst:.4f}"
+            lines.append(f"verify (onnxruntime, dense vs pruned, on {v.get('source', 'random inputs')}): "
+                         f"max |diff| {v['max_abs_diff']:.3g}, mean |diff| {v['mean_abs_diff']:.3g}, "
+                         f"{cosine}")
+            if v.get("informative") is False:
+                lines.append(f"verify UNINFORMATIVE: {v['reason']}")
+            for name, why in (v.get("uninformative_outputs") or {}).items():
+                lines.append(f"verify: dense output {name} {why} on these inputs; not counted in the cosine")
+            for name, dims in (v.get("assumed_dims") or {}).items():
+                lines.append(f"verify ASSUMED: input {name} dims {', '.join(map(str, dims))} set to 1 "
+                             f"(symbolic; give --shape {name}=...)")
         else:
             lines.append(f"verify: skipped: {v.get('skipped')}")
     if report.output:

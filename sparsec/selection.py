@@ -57,26 +57,44 @@ def select_targets(
     targets: list[PruneTarget] = []
     skipped: list[Skipped] = list(analysis.skipped)
     for weight, users in analysis.by_weight().items():
-        reason = _reason(users, options, include, exclude)
+        reason, kind = _reason(users, options, include, exclude)
         if reason is None:
             targets.append(PruneTarget(tuple(users)))
         else:
-            skipped.extend(Skipped(u.name, u.op, weight, reason) for u in users)
+            skipped.extend(Skipped(u.name, u.op, weight, reason, kind) for u in users)
     return targets, skipped
 
 
-def _reason(users, options, include, exclude) -> str | None:
+def _reason(users, options, include, exclude) -> tuple[str | None, str]:
     names = [u.name for u in users]
     if include is not None and not any(include.search(n) for n in names):
-        return f"not matched by --include {include.pattern!r}"
+        return f"not matched by --include {include.pattern!r}", "--include"
     if exclude is not None and any(exclude.search(n) for n in names):
-        return f"excluded by --exclude {exclude.pattern!r}"
+        return f"excluded by --exclude {exclude.pattern!r}", "--exclude"
+    if not options.prunes_weights and not options.structured:
+        return "no --nm or --sparsity given: the compile only folds BatchNormalization", "no pattern"
     layer = users[0]
     if layer.params < options.min_params:
-        return f"too small: {layer.params} weights < --min-params {options.min_params}"
+        return (f"too small: {layer.params} weights < --min-params {options.min_params}",
+                f"below --min-params {options.min_params}")
     if options.nm is not None:
-        return nm_skip_reason(layer, options.nm.m, options.nm_everywhere)
-    return None
+        return nm_skip_reason(layer, options.nm.m, options.nm_everywhere), f"not {options.nm}-able"
+    return None, ""
+
+
+def nothing_pruned(analysis: LayerAnalysis, targets: list[PruneTarget], skipped: list[Skipped]
+                   ) -> str | None:
+    """One line saying why a weight-pruning compile has nothing to prune, or None."""
+    if targets:
+        return None
+    counts: dict[str, int] = {}
+    for s in skipped:
+        counts[s.kind] = counts.get(s.kind, 0) + 1
+    if not counts:
+        return ("nothing pruned: the model has no Conv, ConvTranspose, Gemm or MatMul with a "
+                "constant weight")
+    why = ", ".join(f"{kind}: {n}" for kind, n in counts.items())
+    return f"nothing pruned: 0 of {sum(counts.values())} layers prunable ({why})"
 
 
 def depth_levels(model, targets: list[PruneTarget]) -> list[list[PruneTarget]]:

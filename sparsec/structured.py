@@ -14,7 +14,7 @@ from sparsec.channel_select import ChannelChoice, choose_channels, filter_scores
 from sparsec.channels import ChannelAnalysis, analyse_channels
 from sparsec.compensation import Compensation, compute_compensation
 from sparsec.layers import find_layers
-from sparsec.macs import infer_ranks, infer_shapes
+from sparsec.macs import infer_dims
 from sparsec.options import CompileOptions
 from sparsec.tensors import TensorStore
 from sparsec.weights import GraphIndex
@@ -39,8 +39,9 @@ def plan_structured(model: onnx.ModelProto, store: TensorStore, options: Compile
                     fixed: dict, settings=None, *, ratio: float | None = None,
                     ops: tuple[str, ...] | None = None, score: str | None = None) -> StructuredPlan:
     """Channels to remove; `ratio`/`ops`/`score` override the options (used for --ffn)."""
-    shapes = infer_shapes(model, fixed)
-    analysis = analyse_channels(model, shapes, infer_ranks(model, fixed))
+    dims = infer_dims(model, fixed)
+    shapes = {name: d for name, d in dims.items() if None not in d}
+    analysis = analyse_channels(model, shapes, {name: len(d) for name, d in dims.items()}, store, dims)
     stats = None
     score = score or options.channel_score
     consumers = consumer_layers(model, analysis)  # one find_layers for scoring and recovery
@@ -54,7 +55,8 @@ def plan_structured(model: onnx.ModelProto, store: TensorStore, options: Compile
     scores, notes = filter_scores(model, store, analysis, score, energy)
     choice = choose_channels(analysis, scores, ratio if ratio is not None else options.channels or 0.0,
                              options.channels_per_layer_max, options.round_to, ops)
-    compensation = compute_compensation(model, store, analysis, choice.removed, fixed, options.seed)
+    compensation = compute_compensation(model, store, analysis, choice.removed, fixed, options.seed,
+                                        options.calib_range)
     recovery = _recover(model, store, analysis, consumers, choice, stats) if options.recover else {}
     return StructuredPlan(analysis, choice, compensation, notes, recovery)
 

@@ -19,6 +19,9 @@ class TransformerPlan:
     heads: HeadPlan | None
     ffn: StructuredPlan | None
     tokens: tuple[float, int] | None = None  # (keep, after layer)
+    batch_seq: tuple[int, int] | None = None  # B and L at the first attention layer's input (dense model)
+    blocks: tuple = ()  # attention blocks of the dense model
+    ffn_sources: dict | None = None  # block name -> (FFN source name, width) in the dense model
 
     def passes(self) -> list:
         from sparsec.passes.prune_channels import PruneChannelsPass
@@ -67,26 +70,59 @@ def plan_transformer(model: onnx.ModelProto, store: TensorStore, options: Compil
 
             raise SparsecError(f"--tokens-from {options.tokens_from}: the model has {count} attention "
                                "layers; choose one before the last", "e.g. --tokens-from 2")
-    return TransformerPlan(heads, ffn, tokens)
+    from sparsec.attention import find_attention
+
+    blocks = heads.analysis.blocks if heads else find_attention(model).blocks
+    channels = ffn.analysis if ffn else _channel_analysis(model, store, fixed)
+    return TransformerPlan(heads, ffn, tokens, _batch_seq(model, store, fixed, blocks), blocks,
+                           _ffn_by_block(blocks, channels))
 
 
-def transformer_section(plan: TransformerPlan, model: onnx.ModelProto, fixed: dict) -> dict:
+def _ffn_by_block(blocks, analysis) -> dict[str, tuple[str, int]]:
+    """Each block's FFN: the first removable MatMul/Gemm after its output projection and before the
+    next block's attention (other MatMuls, a classifier head, stay out of the table)."""
+    ordered = sorted(blocks, key=lambda b: b.softmax)
+    sources = sorted((s for s in analysis.sources if s.op in FFN_OPS and _is_ffn(analysis, s)),
+                     key=lambda s: s.node)
+    found = {}
+    for k, b in enumerate(ordered):
+        end = min((ordered[k + 1].q.matmul, ordered[k + 1].softmax)) if k + 1 < len(ordered) else None
+        inside = [s for s in sources if s.node > b.o.matmul and (end is None or s.node < end)]
+        if inside:
+            found[b.name] = (inside[0].name, inside[0].channels)
+    return found
+
+
+def _batch_seq(model: onnx.ModelProto, store: TensorStore, fixed: dict, blocks) -> tuple[int, int] | None:
+    """B and L of the [B, L, E] tensor the first attention layer projects: the token count, which for
+    an image model is not any input dim (patches + CLS)."""
+    from sparsec.macs import infer_dims, observe_shapes
+
+    if not blocks:
+        return None
+    first = min(blocks, key=lambda b: b.softmax)
+    name = model.graph.node[first.q.matmul].input[0]
+    dims = infer_dims(model, fixed).get(name)
+    if dims is None or len(dims) < 2 or None in (dims[0], dims[-2]):
+        dims = observe_shapes(model, store, fixed, [name]).get(name)
+    return (int(dims[0]), int(dims[-2])) if dims is not None and len(dims) >= 3 else None
+
+
+def transformer_section(plan: TransformerPlan, model: onnx.ModelProto, store: TensorStore,
+                        fixed: dict) -> dict:
     """Per block heads and FFN width before/after, and the transformer cost model."""
     from sparsec.attention import find_attention
 
-    blocks = plan.heads.analysis.blocks if plan.heads else find_attention(model).blocks
+    blocks = plan.blocks or (plan.heads.analysis.blocks if plan.heads else find_attention(model).blocks)
     removed = plan.heads.removed if plan.heads else {}
-    channel_analysis = plan.ffn.analysis if plan.ffn else _channel_analysis(model, fixed)
-    ffn_sources = [s for s in channel_analysis.sources if s.op in FFN_OPS and _is_ffn(channel_analysis, s)]
-    by_block = dict(zip([b.name for b in blocks], ffn_sources, strict=False)) \
-        if len(ffn_sources) == len(blocks) else {}
+    by_block = plan.ffn_sources or {}
     kept = plan.ffn.choice.kept_per_source if plan.ffn else {}
     weights = {t.name: t for t in model.graph.initializer}
     hidden = int(weights[blocks[0].q.weight].dims[0]) if blocks else 0
     first = next(iter(fixed.values()), (1, 1))
-    batch, seq = (first[0], first[1]) if len(first) >= 2 else (1, 1)
-    ffn_before = {n: s.channels for n, s in by_block.items()}
-    ffn_after = {n: kept.get(s.name, s.channels) for n, s in by_block.items()}
+    batch, seq = plan.batch_seq or ((first[0], first[1]) if len(first) >= 2 else (1, 1))
+    ffn_before = {n: width for n, (_, width) in by_block.items()}
+    ffn_after = {n: kept.get(source, width) for n, (source, width) in by_block.items()}
     ordered = sorted(blocks, key=lambda b: b.softmax)
     short = -(-int(plan.tokens[0] * seq * 1_000_000) // 1_000_000) if plan.tokens else seq
     tokens_after = {b.name: (max(short, 1) if plan.tokens and k >= plan.tokens[1] else seq)
@@ -108,11 +144,13 @@ def transformer_section(plan: TransformerPlan, model: onnx.ModelProto, fixed: di
     }
 
 
-def _channel_analysis(model: onnx.ModelProto, fixed: dict):
+def _channel_analysis(model: onnx.ModelProto, store: TensorStore, fixed: dict):
     from sparsec.channels import analyse_channels
-    from sparsec.macs import infer_ranks, infer_shapes
+    from sparsec.macs import infer_dims
 
-    return analyse_channels(model, infer_shapes(model, fixed), infer_ranks(model, fixed))
+    dims = infer_dims(model, fixed)
+    shapes = {name: d for name, d in dims.items() if None not in d}
+    return analyse_channels(model, shapes, {name: len(d) for name, d in dims.items()}, store, dims)
 
 
 def _is_ffn(analysis, source) -> bool:

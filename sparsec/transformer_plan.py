@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from sparsec.attention import AttentionAnalysis, AttentionBlock, find_attention
+from sparsec.attention import AttentionAnalysis, AttentionBlock, find_attention, part_columns
 from sparsec.errors import SparsecError
 from sparsec.layers import find_layers
 from sparsec.tensors import TensorStore
@@ -53,6 +53,7 @@ def head_scores(model: onnx.ModelProto, store: TensorStore, analysis: AttentionA
                                        * np.linalg.norm(w_o[h * d:(h + 1) * d]) for h in range(b.heads)])
         else:
             w_v = np.asarray(store.read(weights[b.v.weight]), dtype=np.float64)
+            w_v = w_v[:, slice(*part_columns(b.v, w_v.shape[1]))]  # V's third of a fused QKV weight
             group = b.heads // b.kv_heads
             scores[b.name] = np.array([np.linalg.norm(w_v[:, (h // group)*d:(h // group + 1)*d])
                                        * np.linalg.norm(w_o[h*d:(h+1)*d]) for h in range(b.heads)])

@@ -1,5 +1,8 @@
 """Where a node's weight really lives: follow Identity/Transpose/Cast back to a constant.
 
+A QDQ weight (an int8/uint8 constant behind a DequantizeLinear) resolves to the integer
+constant, with the DequantizeLinear's scale and zero point recorded in `WeightSource.dequant`.
+
 Pure analysis: nothing here edits the graph.
 """
 
@@ -19,6 +22,7 @@ FLOAT_TYPES = {
     onnx.TensorProto.BFLOAT16,
     onnx.TensorProto.DOUBLE,
 }
+QUANT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,16 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Dequant:
+    """The DequantizeLinear of a QDQ weight: real = (q - zero_point)·scale, per tensor or per
+    channel along `axis` of the stored tensor."""
+
+    scale: str
+    zero_point: str  # "" when absent (zero point 0)
+    axis: int | None  # stored axis of a per-channel scale; None for one scale
+
+
+@dataclass(frozen=True)
 class WeightSource:
     """A stored constant and the path from it to the tensor a layer consumes."""
 
@@ -39,6 +53,7 @@ class WeightSource:
     stored_shape: tuple[int, ...]
     steps: tuple[Step, ...]  # in order from the stored tensor to the layer input
     tensors: tuple[str, ...]  # every tensor name on the path, stored one first
+    dequant: Dequant | None = None  # set for an integer weight behind a DequantizeLinear
 
 
 class GraphIndex:
@@ -76,34 +91,82 @@ class GraphIndex:
         assert tensor is not None
         return tensor
 
-    def resolve(self, name: str) -> WeightSource | None:
-        """The constant behind `name`, or None when it is computed from graph inputs."""
+    def stored_tensor(self, name: str) -> onnx.TensorProto | None:
+        """The initializer or Constant-node tensor named `name` (no pass-through ops)."""
+        if name in self.initializers and name not in self.graph_inputs:
+            return self.initializers[name]
+        if name in self.constant_nodes:
+            return _constant_tensor(self.constant_nodes[name])
+        return None
+
+    def resolve(self, name: str, quantized: bool = False) -> WeightSource | None:
+        """The constant behind `name`, or None when it is computed from graph inputs.
+
+        With `quantized`, one DequantizeLinear of an int8/uint8 constant (constant scale and
+        zero point, reached only through Identity) is followed too, or one QuantizeLinear →
+        DequantizeLinear pair of a float constant (fake quantization: a float weight set to 0
+        quantizes to the zero point and dequantizes to exactly 0, so it is pruned as a float).
+        """
         steps: list[Step] = []
         tensors = [name]
+        dequant: Dequant | None = None
         while True:
-            if name in self.initializers and name not in self.graph_inputs:
-                tensor = self.initializers[name]
-                storage = "initializer"
-                break
-            if name in self.constant_nodes:
-                tensor = _constant_tensor(self.constant_nodes[name])
-                storage = "constant"
+            tensor = self.stored_tensor(name)
+            if tensor is not None:
+                storage = "initializer" if name in self.initializers else "constant"
                 break
             node = self.producer.get(name)
-            if node is None or node.op_type not in PASS_THROUGH_OPS:
+            if node is None or node.op_type not in PASS_THROUGH_OPS + ("DequantizeLinear",):
                 return None
+            if dequant is not None and node.op_type != "Identity":
+                return None  # the stored axes of the scale would move
+            if node.op_type == "DequantizeLinear" and quantized and self._fake_quant(node):
+                q = self.producer[node.input[0]]
+                steps += [Step(node.op_type, self.position[id(node)]), Step(q.op_type, self.position[id(q)])]
+                tensors += [node.input[0], q.input[0]]
+                name, quantized = q.input[0], False
+                continue
+            if node.op_type == "DequantizeLinear":
+                dequant = self._dequant(node) if quantized else None
+                if dequant is None:
+                    return None
             if node.op_type == "Cast" and _attr(node, "to") not in FLOAT_TYPES:
                 return None
             perm = tuple(_attr(node, "perm") or ()) if node.op_type == "Transpose" else ()
             steps.append(Step(node.op_type, self.position[id(node)], perm))
             name = node.input[0]
             tensors.append(name)
-        if tensor is None or tensor.data_type not in FLOAT_TYPES:
+        if tensor is None or tensor.data_type not in (QUANT_TYPES if dequant else FLOAT_TYPES):
             return None
         steps.reverse()
         tensors.reverse()
         shape = tuple(int(d) for d in tensor.dims)
-        return WeightSource(storage, name, shape, tuple(steps), tuple(tensors))
+        if dequant is not None and dequant.axis is not None:
+            if not -len(shape) <= dequant.axis < len(shape):
+                return None
+            dequant = Dequant(dequant.scale, dequant.zero_point, dequant.axis % len(shape))
+        return WeightSource(storage, name, shape, tuple(steps), tuple(tensors), dequant)
+
+    def _fake_quant(self, dq: onnx.NodeProto) -> bool:
+        """A DequantizeLinear fed by a QuantizeLinear of a constant scale (pytorch-quantization's
+        and ModelOpt's export of a float weight)."""
+        q = self.producer.get(dq.input[0])
+        return (q is not None and q.op_type == "QuantizeLinear" and len(q.input) > 1
+                and self.stored_tensor(q.input[1]) is not None)
+
+    def _dequant(self, node: onnx.NodeProto) -> Dequant | None:
+        """A DequantizeLinear with constant per-tensor or per-channel parameters, else None."""
+        if _attr(node, "block_size"):
+            return None  # blocked quantization: scales vary along the reduction axis
+        scale = self.stored_tensor(node.input[1]) if len(node.input) > 1 else None
+        zp_name = node.input[2] if len(node.input) > 2 else ""
+        if scale is None or (zp_name and self.stored_tensor(zp_name) is None):
+            return None
+        per_channel = len(scale.dims) == 1 and scale.dims[0] != 1
+        if len(scale.dims) > 1:
+            return None
+        axis = int(_attr(node, "axis") if _attr(node, "axis") is not None else 1)
+        return Dequant(node.input[1], zp_name, axis if per_channel else None)
 
 
 def to_effective(stored: np.ndarray, steps: tuple[Step, ...]) -> np.ndarray:
@@ -123,6 +186,15 @@ def to_stored(effective: np.ndarray, steps: tuple[Step, ...]) -> np.ndarray:
             perm = step.perm or tuple(reversed(range(out.ndim)))
             out = out.transpose(np.argsort(perm))
     return out
+
+
+def stored_axis(source: WeightSource, axis: int) -> int:
+    """The stored tensor's axis that the layer reads as `axis` (through Transpose steps)."""
+    for step in reversed(source.steps):
+        if step.op == "Transpose":
+            perm = step.perm or tuple(reversed(range(len(source.stored_shape))))
+            axis = perm[axis]
+    return axis
 
 
 def effective_shape(source: WeightSource) -> tuple[int, ...]:

@@ -179,7 +179,8 @@ def test_validation_errors_name_the_input_and_file(tmp_path):
     cases = [
         (dict(ids=np.zeros((4, 1, 3), np.int64)), ["no data for input x", "bad.npz"], TOKENS),
         (dict(x=x, y=x), ["y, not a graph input", "bad.npz"], FLOAT),
-        (dict(x=x[:, 0]), ["x in", "rank 2, expected 3"], FLOAT),
+        (dict(x=x[:, 0, 0]), ["x in", "rank 1, expected 3 (samples on a leading axis) or 2"], FLOAT),
+        (dict(pixel_values=np.zeros((2, 28), np.float32)), ["pixel_values in", "rank 2, expected 3"], FIXED),
         (dict(x=x, ids=np.zeros((4, 1, 3), np.int32)),
          ["ids in", "is int32, the model wants int64", ".astype(np.int64)"], TOKENS),
         (dict(pixel_values=np.zeros((2, 1, 32), np.float32)),

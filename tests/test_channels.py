@@ -155,11 +155,11 @@ def test_act_score_and_recover_use_calibration(tmp_path):
 
 
 @pytest.mark.parametrize(("kwargs", "needle"), [
-    ({"channels": 1.0}, "--channels 1.0 is out of range"),
-    ({"channels": -0.1}, "--channels -0.1 is out of range"),
+    ({"channels": 1.0}, "channels=1.0 is out of range"),
+    ({"channels": -0.1}, "channels=-0.1 is out of range"),
     ({"channels": 0.5, "nm": "2:4"}, "cannot be combined"),
     ({"channels": 0.5, "channel_score": "act"}, "need calibration data"),
-    ({"channels": 0.5, "round_to": 0}, "--round-to 0"),
+    ({"channels": 0.5, "round_to": 0}, "round_to=0"),
 ])
 def test_structured_option_errors(tmp_path, kwargs, needle):
     src = tmp_path / "m.onnx"

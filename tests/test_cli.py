@@ -188,11 +188,9 @@ def test_no_verify_gives_null_verify(example: Path, tmp_path: Path):
 
 
 def test_force_overwrites_existing_outdir(example: Path, tmp_path: Path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
-    (out / "sub").mkdir()
-    (out / "sub" / "x").write_text("old")
+    out = tmp_path / "out"  # a previous sparsec output with a stale data file: --force replaces it whole
+    assert_ok(compile_cli(example, "--sparsity", "0.5", "-o", out))
+    (out / "model.onnx.data").write_text("old")
     result = compile_cli(example, "--nm", "2:4", "-o", out, "--force")
     assert_ok(result)
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json", "skeleton.onnx",

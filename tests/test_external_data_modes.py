@@ -1,0 +1,82 @@
+"""External data in every mode: a model whose every tensor sits in a .data file (shape constants
+included, as size_threshold=0 writes it) compiles to the same model as its in-protobuf twin."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from helpers import run
+from sparsec.models import GOLDEN
+
+import sparsec
+
+SHAPES = {"input_ids": (2, 8), "attention_mask": (2, 8)}
+
+
+def save_both(model: onnx.ModelProto, d: Path) -> tuple[Path, Path]:
+    """The model inline and with every tensor in one external file."""
+    inline, external = d / "inline" / "m.onnx", d / "external" / "m.onnx"
+    inline.parent.mkdir(parents=True)
+    external.parent.mkdir(parents=True)
+    onnx.save(model, inline)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # onnx.save with external data rewrites the proto it is given
+    onnx.save(copy, external, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.onnx.data", size_threshold=0)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL
+               for t in onnx.load(external, load_external_data=False).graph.initializer)
+    return inline, external
+
+
+def feeds_for(model: onnx.ModelProto, shapes: dict, seed: int = 3) -> dict:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for inp in model.graph.input:
+        shape = shapes.get(inp.name) or [d.dim_value or 2 for d in inp.type.tensor_type.shape.dim]
+        if inp.type.tensor_type.elem_type == onnx.TensorProto.INT64:
+            out[inp.name] = rng.integers(0, 100, shape).astype(np.int64)
+        else:
+            out[inp.name] = rng.standard_normal(shape).astype(np.float32)
+    return out
+
+
+def compile_both(model, tmp_path, shapes, **kwargs):
+    inline, external = save_both(model, tmp_path)
+    a = sparsec.compile(inline, output=tmp_path / "a", shapes=shapes, min_params=0, **kwargs)
+    b = sparsec.compile(external, output=tmp_path / "b", shapes=shapes, min_params=0, **kwargs)
+    feeds = feeds_for(model, shapes)
+    out_a = run(str(tmp_path / "a" / "model.onnx"), feeds)
+    out_b = run(str(tmp_path / "b" / "model.onnx"), feeds)  # onnxruntime loads it from its path
+    for x, y in zip(out_a, out_b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert (tmp_path / "b" / "model.onnx.data").exists()
+    return a, b
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"heads": 0.25}, {"ffn": 0.25}, {"heads": 0.25, "ffn": 0.25, "calib_random": 4},
+    {"sparsity": 0.5, "method": "wanda", "calib_random": 4},
+    {"nm": "2:4", "method": "sparsegpt", "calib_random": 4},
+], ids=["heads", "ffn", "heads-ffn-calib", "wanda", "sparsegpt"])
+def test_transformer_modes_on_external_data(tmp_path, transformer_models, kwargs):
+    a, b = compile_both(transformer_models["dynamo"], tmp_path, SHAPES, **kwargs)
+    assert b.verify["max_abs_diff"] == a.verify["max_abs_diff"]
+    assert [la.nonzeros for la in b.layers] == [la.nonzeros for la in a.layers]
+    if "masked" in (a.verify or {}):
+        assert b.verify["masked"]["max_abs_diff"] < 1e-4
+    if a.transformer is not None:
+        assert b.transformer["blocks"] == a.transformer["blocks"]
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("resnet", {"channels": 0.3}),  # BatchNorm folded after removal (--fold-bn is on by default)
+    ("structured_mlp", {"channels": 0.3, "channel_score": "act", "recover": True, "calib_random": 8}),
+    ("resnet", {"channels": 0.3, "channel_score": "bn", "fold_bn": False}),
+])
+def test_channel_modes_on_external_data(tmp_path, name, kwargs):
+    model = GOLDEN[name]()
+    a, b = compile_both(model, tmp_path, {}, **kwargs)
+    assert b.channels["removed"] == a.channels["removed"] > 0
+    assert b.verify["masked"]["max_abs_diff"] == a.verify["masked"]["max_abs_diff"]
+    assert [s["kept"] for s in b.channels["sources"]] == [s["kept"] for s in a.channels["sources"]]
