@@ -28,7 +28,8 @@ class CheckPatternPass:
 
     def run(self, ctx: PassContext) -> PassResult:
         index = GraphIndex(ctx.model.graph)
-        for target in self.targets:
+        left = ctx.facts.get("left_dense", {})
+        for target in (t for t in self.targets if t.weight not in left):
             layer = target.layer
             values = to_effective(ctx.store.read(index.constant(layer.source)), layer.source.steps)
             zero = effective_zero(index, ctx.store, layer.source)  # a QDQ weight's zero point

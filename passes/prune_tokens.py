@@ -234,7 +234,7 @@ def _reads_all_tokens(model, nodes, producer, late, cut: str, name: str, scatter
     while stack:
         t = stack.pop()
         if t == cut:
-            return "reads the kept tokens' states"
+            return "reads the kept tokens' states (or their count)"
         i = producer.get(t)
         if t in seen or t in scattered or i is None or i not in late:
             continue
@@ -242,8 +242,6 @@ def _reads_all_tokens(model, nodes, producer, late, cut: str, name: str, scatter
         node = nodes[i]
         if node.input and node.input[0] in like_cut and _first_token(node, consts):
             continue
-        if node.op_type == "Shape":
-            return f"reads the token count ({node.name})"
         stack.extend(x for x in node.input if x)
     return None
 

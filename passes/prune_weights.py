@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparsec.masks import apply_mask, count_nonzero, nm_mask, nm_prune, unstructured_mask
+from sparsec.masks import apply_mask, count_nonzero, nm_mask, nm_prune, non_finite_reason, unstructured_mask
 from sparsec.options import NMPattern
 from sparsec.pipeline import PassContext, PassResult
 from sparsec.quant import dequantize, zero_point
@@ -59,7 +59,7 @@ class PruneWeightsPass:
         score = wanda(sumsq) if self.method == "wanda" else magnitude
         ratios = ctx.facts.get("layer_sparsity", {})
         pruned = []
-        for target in self.targets:
+        for target in finite_targets(ctx, index, self.targets):
             missing = self.method == "wanda" and target.layer.name not in sumsq
             if missing:
                 raise_missing(target, calib)
@@ -121,6 +121,21 @@ class PruneWeightsPass:
         return PrunedWeight(layer.weight, tuple(u.name for u in target.layers), pattern,
                             stored.size, before, after, self.method,
                             calib.samples if calib else None, error, basis)
+
+
+def finite_targets(ctx: PassContext, index: GraphIndex, targets: list[PruneTarget]) -> list[PruneTarget]:
+    """The targets whose weights are finite; the others go to `facts["left_dense"]` with the reason
+    (the report lists them, the pattern check skips them)."""
+    left = ctx.facts.setdefault("left_dense", {})
+    out = []
+    for target in targets:
+        if target.weight not in left and target.layer.source.dequant is None:
+            reason = non_finite_reason(ctx.store.read(index.constant(target.layer.source)))
+            if reason:
+                left[target.weight] = reason
+        if target.weight not in left:
+            out.append(target)
+    return out
 
 
 def estimate_error(layer, weight, pruned, calib) -> tuple[float | None, str | None]:

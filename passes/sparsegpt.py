@@ -12,7 +12,7 @@ from sparsec.scores import as_rows, from_rows
 from sparsec.selection import PruneTarget
 from sparsec.weights import GraphIndex, to_effective, to_stored
 
-from .prune_weights import PrunedWeight, PruneWeightsPass, estimate_error
+from .prune_weights import PrunedWeight, PruneWeightsPass, estimate_error, finite_targets
 
 # SparseGPT's update changes kept weights; an int8 weight would need requantizing, which can
 # move every kept value, so a QDQ weight keeps its integers and takes Wanda's mask instead.
@@ -65,7 +65,9 @@ class SparseGPTPass:
                     or t.layer.name not in patched and (
                     not gram_ready(t.layer) or calib.layers.get(t.layer.name) is None
                     or calib.layers[t.layer.name].gram is None)]
-        for target in self.targets:
+        finite = finite_targets(ctx, index, self.targets)
+        fallback = [t for t in fallback if t in finite]
+        for target in finite:
             if target in fallback:
                 continue
             layer = target.layer

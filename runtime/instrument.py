@@ -177,7 +177,10 @@ def instrumented_graph(model: onnx.ModelProto, specs: list[StatSpec], ranks: dic
     every = list(g.node) + extra
     needed = _ancestors(every, outputs)
     nodes = [n for i, n in enumerate(every) if i in needed]
-    graph = helper.make_graph(nodes, f"{g.name}_stats", list(g.input),
+    used = {x for n in nodes for x in [*n.input, *subgraph_reads(n)]}
+    defaults = {t.name for t in g.initializer}  # initializers that are also inputs: only if still read
+    inputs = [i for i in g.input if i.name not in defaults or i.name in used]
+    graph = helper.make_graph(nodes, f"{g.name}_stats", inputs,
                               [onnx.ValueInfoProto(name=o) for o in outputs])
     return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
 

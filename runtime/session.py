@@ -117,9 +117,12 @@ def session_with_values(model: onnx.ModelProto, tensors: list[onnx.TensorProto],
     # graph (seen: a Slice fed a scalar); basic optimizations keep the speed that matters here
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     names, values, keep = [], [], []
+    graph_inputs = {i.name for i in model.graph.input}
     for tensor in tensors:
         array = np.require(store.read(tensor), requirements="C")  # ascontiguousarray makes a scalar 1-d
-        if array.nbytes < 1024 or array.dtype.name not in _ORT_VALUE_DTYPES:
+        # an initializer that is also a graph input is an overridable default: onnxruntime takes it
+        # only from the model itself, not as an external initializer
+        if array.nbytes < 1024 or array.dtype.name not in _ORT_VALUE_DTYPES or tensor.name in graph_inputs:
             model.graph.initializer.append(numpy_helper.from_array(array, tensor.name))
             continue
         stub = model.graph.initializer.add()

@@ -82,6 +82,9 @@ def degenerate(values: np.ndarray) -> str | None:
     a = np.asarray(values, dtype=np.float64).ravel()
     if a.size == 0:
         return "is empty"
+    bad = int(np.count_nonzero(~np.isfinite(a)))
+    if bad:
+        return f"holds {bad} NaN/Inf values"
     peak = float(np.abs(a).max())
     if peak == 0.0:
         return "is all zeros"
@@ -98,7 +101,8 @@ def compare_outputs(dense: list[np.ndarray], other: list[np.ndarray], names: lis
     for name, a, b in zip(names, dense, other, strict=True):
         a64 = np.asarray(a, dtype=np.float64).ravel()
         b64 = np.asarray(b, dtype=np.float64).ravel()
-        d = np.abs(a64 - b64)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf outputs: flagged as degenerate
+            d = np.abs(a64 - b64)
         denom = float(np.linalg.norm(a64) * np.linalg.norm(b64))
         cosine = float(a64 @ b64 / denom) if denom > 0 else float(np.array_equal(a64, b64))
         diffs.append(OutputDiff(

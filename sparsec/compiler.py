@@ -140,6 +140,9 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
 
     # the report reads final weights before saving moves them into the new data file
     report = _report(ctx, loaded.path, out, options, analysis, skipped, macs, results)
+    left = ctx.facts.get("left_dense", {})
+    if nothing is None and targets and all(t.weight in left for t in targets):
+        nothing = f"nothing pruned: every prunable weight was left dense ({next(iter(left.values()))})"
     report.nothing_pruned = nothing
     if plan is not None:
         from sparsec.structured_report import structured_section
@@ -304,6 +307,8 @@ def _report(ctx: PassContext, model_path: Path, out: Path, options: CompileOptio
             results: list[PassResult]) -> Report:
     index = GraphIndex(ctx.model.graph)
     reasons = {(s.name, s.weight): s.reason for s in skipped}
+    reasons |= {(la.name, la.weight): ctx.facts["left_dense"][la.weight] for la in analysis.layers
+                if la.weight in ctx.facts.get("left_dense", {})}
     pruned = {n: w for r in results for w in r.details.get("weights", []) for n in w.layers}
     entries: list[LayerEntry] = []
     weight_bytes: dict[str, int] = {}
@@ -345,7 +350,9 @@ def _report(ctx: PassContext, model_path: Path, out: Path, options: CompileOptio
         layers=entries,
         totals=totals(entries, weight_bytes),
         verify=None,
-        skipped=[{"name": s.name, "op": s.op, "weight": s.weight, "reason": s.reason} for s in skipped],
+        skipped=[{"name": s.name, "op": s.op, "weight": s.weight, "reason": s.reason} for s in skipped]
+        + [{"name": la.name, "op": la.op, "weight": la.weight, "reason": ctx.facts["left_dense"][la.weight]}
+           for la in analysis.layers if la.weight in ctx.facts.get("left_dense", {})],
         passes=[_pass_entry(r) for r in results],
         tensorrt=trt,
     )

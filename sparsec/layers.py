@@ -93,6 +93,12 @@ def find_layers(model: onnx.ModelProto) -> LayerAnalysis:
                                    INTEGER_REASON.format(op=node.op_type), "integer op"))
         if node.op_type not in WEIGHT_OPS:
             continue
+        overridable = [x for x in node.input[:2] if x in index.initializers and x in index.graph_inputs]
+        if overridable:
+            skipped.append(Skipped(node_display_name(node, i), node.op_type, overridable[0],
+                                   f"weight {overridable[0]} is also a graph input: a caller may feed "
+                                   "another value, so its initializer is only a default", "graph input"))
+            continue
         layer, reason = _describe(node, i, index)
         if layer is not None:
             found.append(layer)

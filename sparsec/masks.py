@@ -183,3 +183,14 @@ def _nan_as_inf(scores: np.ndarray) -> np.ndarray:
     if scores.size and np.issubdtype(scores.dtype, np.floating) and np.isnan(scores.max()):
         return np.where(np.isnan(scores), np.inf, scores)
     return scores
+
+
+def non_finite_reason(values: np.ndarray) -> str | None:
+    """Why a weight with NaN or ±Inf is left dense: no score ranks such a value, and zeroing it
+    would hide a broken model behind a working-looking one. One float64 sum finds them."""
+    if values.dtype.kind != "f" or math.isfinite(float(np.sum(values, dtype=np.float64))):
+        return None
+    nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+    if nan == 0 and inf == 0:
+        return None  # finite values whose sum overflowed
+    return f"weight holds {nan} NaN and {inf} ±Inf values: left dense (fix the model's weights)"

@@ -170,3 +170,42 @@ def test_errors_name_the_output_not_the_staging_folder(tmp_path: Path) -> None:
     assert str(out / "model.onnx") in str(info.value)
     assert ".tmp-" not in str(info.value)
     assert not out.exists()
+
+
+def _nan_and_default_model(path: Path) -> Path:
+    """mm reads a weight with NaN and Inf; mm2 reads W2, an initializer that is also a graph input."""
+    w = np.random.default_rng(1).standard_normal((32, 32)).astype(np.float32)
+    w[3, 5], w[7, 1] = np.nan, np.inf
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"),
+         helper.make_node("MatMul", ["y", "W2"], ["z"], name="mm2")], "g",
+        [helper.make_tensor_value_info("x", F32, [1, 32]), helper.make_tensor_value_info("W2", F32, [32, 32])],
+        [helper.make_tensor_value_info("z", F32, [1, 32])],
+        [numpy_helper.from_array(w, "W"),
+         numpy_helper.from_array(np.random.default_rng(2).standard_normal((32, 32)).astype(np.float32), "W2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("options", [{"nm": "2:4"}, {"sparsity": 0.5}, {"nm": "2:4", "precision": "fp16"},
+                                     {"nm": "2:4", "method": "wanda", "calib_random": 4},
+                                     {"nm": "2:4", "method": "sparsegpt", "calib_random": 8},
+                                     {"sparsity": 0.5, "method": "wanda", "owl": True, "calib_random": 4}])
+def test_non_finite_weights_and_overridable_initializers_stay_dense_with_reasons(
+        tmp_path: Path, options: dict) -> None:
+    import sparsec
+
+    model = _nan_and_default_model(tmp_path / "m.onnx")
+    report = sparsec.compile(model, output=tmp_path / "out", force=True, **options)
+    reasons = {s["name"]: s["reason"] for s in report.skipped}
+    assert "NaN" in reasons["mm"] and "graph input" in reasons["mm2"]
+    written = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "out" / "model.onnx")
+                                                                   ).graph.initializer}
+    original = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(model)).graph.initializer}
+    for name in ("W", "W2"):
+        np.testing.assert_array_equal(written[name].astype(np.float32), original[name].astype(np.float16)
+                                      .astype(np.float32) if "precision" in options else original[name])
+    assert report.nothing_pruned and "NaN" in report.nothing_pruned
+    assert report.verify["informative"] is False
