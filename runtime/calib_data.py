@@ -415,9 +415,6 @@ def open_calibration(
     if sum(x is not None for x in (path, reader, random_samples)) != 1:
         raise SparsecError("give exactly one calibration source",
                            "--calib FILE.npz|DIR or --calib-random N (or a reader in the Python API)")
-    if ranges and random_samples is None:
-        raise SparsecError("--calib-range only applies to --calib-random (or to verification without "
-                           "calibration data)", "--calib data brings its own values")
     if not specs:
         raise SparsecError("the model has no graph inputs to calibrate")
     if samples is not None and samples < 1:

@@ -5,20 +5,25 @@ fp16 is onnxconverter-common's ``convert_float_to_float16`` (keep_io_types=True:
 same float32 data) plus passes for what it gets wrong with onnx 1.23: Cast names clash for unnamed
 nodes, the model's own ``Cast(to=FLOAT)`` stays fp32 and confuses its Cast-pair removal (crash, or
 a lost graph output), graph outputs of blocked ops or also used inside the graph get the wrong type,
-initializers shared by blocked and unblocked nodes, stale value_info, one input Cast per consumer.
+initializers shared by blocked and unblocked nodes, stale value_info, one input Cast per consumer;
+If/Loop/Scan bodies that read outer-scope tensors (its sort, cleanup and casts only see each graph's
+own names), and shape inference carrying the model's retyped Casts into blocked ops (Resize).
 bf16 is the same conversion retyped FLOAT16 -> BFLOAT16, weights re-rounded by ml_dtypes from the
 ORIGINAL fp32 values. Exact zeros stay zero in both, so N:M patterns survive.
 
 Kept fp32: onnxconverter-common's DEFAULT_OP_BLOCK_LIST (Resize, Range, TopK, Min/Max, ML ops); the
 variance branch of a decomposed LayerNorm/RMSNorm (Pow|x*x -> ReduceMean -> [Add eps] -> Sqrt),
 whose squares overflow fp16 once |x| > 256; ops whose schema at the model's opset lacks the type
-(``lowp_unsupported_ops``: bf16 Conv/pooling need opset 22). LayerNormalization and Softmax stay
-low precision: onnxruntime and TensorRT accumulate them in fp32 internally.
+(``lowp_unsupported_ops``: bf16 Conv/pooling need opset 22; contrib ops by onnxruntime's schemas).
+LayerNormalization and Softmax stay low precision: onnxruntime and TensorRT accumulate them in fp32
+internally.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import heapq
 
 import ml_dtypes
 import numpy as np
@@ -40,35 +45,168 @@ def _graphs(graph: onnx.GraphProto):
             yield from _graphs(g)
 
 
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in [a.g] * (a.type == onnx.AttributeProto.GRAPH) + list(a.graphs)]
+
+
+def _nested_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names read inside the bodies of ``graph``'s If/Loop/Scan nodes (any depth)."""
+    return {x for n in graph.node for x in _body_reads(n)}
+
+
 def _rename_inputs(graph: onnx.GraphProto, old: str, new: str, skip=lambda n: False) -> None:
+    """Rename reads of ``old`` in ``graph`` and in the bodies nested in it (they see outer names)."""
     for n in graph.node:
         if not skip(n):
             n.input[:] = [new if x == old else x for x in n.input]
+        for sub in _subgraphs(n):
+            _rename_inputs(sub, old, new, skip)
+
+
+def _route_outer_reads(graph: onnx.GraphProto, top: onnx.GraphProto, names: set[str]) -> None:
+    """Every outer-scope read of a body goes through one Identity at the top of that body.
+
+    The converter types a body's tensors from its own value_info: an outer name has none there, so
+    a blocked op (Resize) reading one got no Cast back to fp32. Local Identity outputs get inferred
+    types like any tensor. A graph input read only inside bodies first goes through an Identity in
+    the main graph, so that it gets the converter's fp16 input Cast.
+    """
+    for node in list(graph.node):
+        for body in _subgraphs(node):
+            defined = {v.name for g in _graphs(body) for v in [*g.input, *g.initializer]}
+            defined |= {o for g in _graphs(body) for m in g.node for o in m.output}
+            outer = [x for x in dict.fromkeys(x for g in _graphs(body) for m in g.node for x in m.input)
+                     if x and x not in defined]
+            for k, name in enumerate(outer):
+                if graph is top and name in {v.name for v in top.input} and not any(
+                    name in m.input for m in top.node
+                ):  # read only inside bodies: give it a main-graph reader first
+                    via = _fresh(f"{name}__main", names)
+                    _rename_inputs(top, name, via)
+                    top.node.insert(0, helper.make_node("Identity", [name], [via], name=via))
+                    name, outer[k] = via, via
+                local = _fresh(f"{name}__{body.name or 'body'}", names)
+                for m in body.node:
+                    m.input[:] = [local if x == name else x for x in m.input]
+                    for sub in _subgraphs(m):
+                        _rename_inputs(sub, name, local)
+                body.node.insert(0, helper.make_node("Identity", [name], [local], name=local))
+            _route_outer_reads(body, top, names)
+
+
+def _body_reads(node: onnx.NodeProto) -> set[str]:
+    return {x for sub in _subgraphs(node) for g in _graphs(sub) for m in g.node for x in m.input}
+
+
+def _toposort(graph: onnx.GraphProto) -> None:
+    """Stable topological order, bodies included; a node also waits for what its bodies read
+    from outside (the converter's own sort ignores those and put an If before its inputs)."""
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    users: dict[int, list[int]] = {}
+    missing = []
+    for i, n in enumerate(graph.node):
+        deps = {producer[x] for x in {*n.input, *_body_reads(n)} if x in producer} - {i}
+        missing.append(len(deps))
+        for d in deps:
+            users.setdefault(d, []).append(i)
+    ready = [i for i, k in enumerate(missing) if k == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users.get(i, []):
+            missing[u] -= 1
+            if missing[u] == 0:
+                heapq.heappush(ready, u)
+    placed = set(order)
+    order += [i for i in range(len(graph.node)) if i not in placed]  # a cycle: the checker names it
+    for n in graph.node:
+        for body in _subgraphs(n):
+            _toposort(body)
+    nodes = [copy.deepcopy(graph.node[i]) for i in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _fresh(base: str, names: set[str]) -> str:
+    name, k = base, 0
+    while name in names:
+        k += 1
+        name = f"{base}_{k}"
+    names.add(name)
+    return name
+
+
+@functools.lru_cache(maxsize=1)
+def _runtime_schemas() -> dict[tuple[str, str], list]:
+    """onnxruntime's contrib-op schemas (com.microsoft, ...) by (domain, op), oldest first."""
+    try:
+        from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        return {}
+    found: dict[tuple[str, str], list] = {}
+    for s in sorted(get_all_operator_schema(), key=lambda s: s.since_version):
+        found.setdefault((s.domain, s.name), []).append(s)
+    return found
+
+
+def _type_constraints(op: str, domain: str, version: int) -> list[set[str]] | None:
+    """The op's type constraint sets at ``version`` (ONNX's schemas, then onnxruntime's contrib
+    schemas, which the onnx checker does not know), or None when no schema is known."""
+    try:
+        schema = defs.get_schema(op, version, "" if domain == "ai.onnx" else domain)
+    except Exception:  # noqa: BLE001 - not an ONNX op: try onnxruntime's
+        known = _runtime_schemas().get((domain, op), [])
+        schema = next((s for s in reversed(known) if s.since_version <= version), None)
+    return None if schema is None else [set(c.allowed_type_strs) for c in schema.type_constraints]
 
 
 def lowp_unsupported_ops(model: onnx.ModelProto, precision: str) -> list[str]:
     """Op types whose schema at the model's opset takes float but not fp16/bf16: they stay fp32.
 
     For bf16 below opset 22 that includes Conv, i.e. no sparse bf16 convolution; callers should
-    report these (re-exporting at a newer opset lowers them too).
+    report these (re-exporting at a newer opset lowers them too). Contrib ops (com.microsoft's
+    DynamicQuantizeLSTM/MatMul take float only) are judged by onnxruntime's schemas.
     """
     want = f"tensor({'float16' if precision == 'fp16' else 'bfloat16'})"
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
     found: set[str] = set()
     for node in (n for g in _graphs(model.graph) for n in g.node):
-        if node.domain in ("", "ai.onnx") and node.op_type not in found:
-            try:
-                types = [
-                    set(c.allowed_type_strs)
-                    for c in defs.get_schema(node.op_type, opset).type_constraints
-                ]
-            except Exception:  # noqa: BLE001 - unknown op: the checker will say so
-                continue
-            if any("tensor(float)" in t for t in types) and not any(
-                {"tensor(float)", want} <= t for t in types
-            ):
-                found.add(node.op_type)
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        version = opsets.get(domain, 1)
+        types = None if node.op_type in found else _type_constraints(node.op_type, domain, version)
+        if types is None:
+            continue
+        if any("tensor(float)" in t for t in types) and not any({"tensor(float)", want} <= t for t in types):
+            found.add(node.op_type)
     return sorted(found)
+
+
+def _type_blocked_outputs(model: onnx.ModelProto, blocked) -> None:
+    """value_info FLOAT for the float outputs of blocked contrib ops, which onnx's inference cannot
+    type: without it the converter adds no fp16 Cast after them and their readers get float32."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - then the converter's own inference fails the same way
+        return
+    elem = {t.name: t.data_type for g in _graphs(inferred.graph) for t in g.initializer}
+    elem.update({v.name: v.type.tensor_type.elem_type for g in _graphs(inferred.graph)
+                 for v in [*g.input, *g.output, *g.value_info]})
+    opsets = {o.domain: o.version for o in model.opset_import}
+    for g in _graphs(model.graph):
+        for node in (n for n in g.node if n.domain not in ("", "ai.onnx") and blocked(n)):
+            known = _runtime_schemas().get((node.domain, node.op_type), [])
+            version = opsets.get(node.domain, 1)
+            schema = next((s for s in reversed(known) if s.since_version <= version), None)
+            if schema is None:
+                continue
+            allowed = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
+            bound = {p.typeStr: elem[x] for p, x in zip(schema.inputs, node.input, strict=False) if x in elem}
+            for p, out in zip(schema.outputs, node.output, strict=False):
+                fixed = allowed.get(p.typeStr, [p.typeStr])
+                if out and out not in elem and (fixed == ["tensor(float)"] or bound.get(p.typeStr) == F32):
+                    g.value_info.append(helper.make_tensor_value_info(out, F32, None))
 
 
 def _norm_variance_nodes(graph: onnx.GraphProto) -> set[str]:
@@ -94,17 +232,19 @@ def _norm_variance_nodes(graph: onnx.GraphProto) -> set[str]:
     return blocked
 
 
-def _prepare(model: onnx.ModelProto, block_ops: set[str]) -> set[str]:
-    """Make the model safe for the converter; return the nodes blocked by name (norm variance)."""
+def _prepare(model: onnx.ModelProto, block_ops: set[str]) -> tuple[set[str], set[str]]:
+    """Make the model safe for the converter; return the nodes blocked by name (norm variance) and
+    the model's own unblocked Cast(to=FLOAT) nodes, which must produce fp16 after conversion."""
     g = model.graph
     if any(t.data_location == TensorProto.EXTERNAL for t in g.initializer):
         raise SparsecError(
             "precision conversion needs the weights in memory",
             hint="load the model with onnx.load(path, load_external_data=True)",
         )
-    names, seen = {n.name for n in g.node}, set()
-    for i, node in enumerate(g.node):  # unique names: the converter derives Cast names from them
-        if not node.name or node.name in seen:
+    nodes = [n for sub in _graphs(g) for n in sub.node]
+    names, seen = {n.name for n in nodes}, set()
+    for i, node in enumerate(nodes):  # unique names in every body: the converter's Cast names
+        if not node.name or node.name in seen:  # derive from them and tensor names are global
             k = 0
             while f"{node.op_type}_{i}_{k}" in names:
                 k += 1
@@ -117,19 +257,35 @@ def _prepare(model: onnx.ModelProto, block_ops: set[str]) -> set[str]:
         del g.input[:]
         g.input.extend(kept)
         model.ir_version = max(model.ir_version, 4)
-    block_nodes = _norm_variance_nodes(g)
+    names |= {x for sub in _graphs(g) for n in sub.node for x in [*n.input, *n.output]}
+    names |= {v.name for sub in _graphs(g) for v in [*sub.input, *sub.output, *sub.initializer]}
+    _route_outer_reads(g, g, names)
+    block_nodes = {name for sub in _graphs(g) for name in _norm_variance_nodes(sub)}
     blocked = lambda n: n.op_type in block_ops or n.name in block_nodes  # noqa: E731
-    for name in [k for k, dt in inits.items() if dt == F32]:  # fp32 weight read by both kinds
-        kinds = {blocked(n) for n in g.node if name in n.input}
-        if kinds == {True, False}:
-            via = f"{name}__fp32"
-            _rename_inputs(g, name, via, skip=lambda n: not blocked(n))
-            g.node.insert(0, helper.make_node("Identity", [name], [via], name=via))
-    for n in g.node:  # the model's own Cast(to=FLOAT) must produce fp16 like its neighbours
-        for a in n.attribute:
-            if n.op_type == "Cast" and a.name == "to" and a.i == F32 and not blocked(n):
+    _type_blocked_outputs(model, blocked)
+    for sub in _graphs(g):
+        nested = _nested_reads(sub)
+        for name in [t.name for t in sub.initializer if t.data_type == F32]:  # read by both kinds
+            kinds = {blocked(n) for n in sub.node if name in n.input} | ({False} if name in nested else set())
+            if kinds == {True, False}:
+                via = f"{name}__fp32"
+                _rename_inputs(sub, name, via, skip=lambda n: not blocked(n))
+                sub.node.insert(0, helper.make_node("Identity", [name], [via], name=via))
+    own_casts = {  # retyped after conversion: before it, shape inference would carry fp16 into
+        n.name  # the blocked ops downstream (Resize) and the converter then skips their casts
+        for sub in _graphs(g)
+        for n in sub.node
+        if n.op_type == "Cast" and helper.get_node_attr_value(n, "to") == F32 and not blocked(n)
+    }
+    return block_nodes, own_casts
+
+
+def _retype_casts(graph: onnx.GraphProto, names: set[str]) -> None:
+    """The model's own Cast(to=FLOAT) nodes produce fp16 like their (converted) neighbours."""
+    for sub in _graphs(graph):
+        for n in (n for n in sub.node if n.name in names):
+            for a in (a for a in n.attribute if a.name == "to"):
                 a.i = F16
-    return block_nodes
 
 
 def _fix_outputs(graph: onnx.GraphProto, blocked: set[str]) -> None:
@@ -172,16 +328,17 @@ def _cleanup(graph: onnx.GraphProto) -> None:
         else:
             key = (rename.get(node.input[0], node.input[0]), to)
             rename[node.output[0]] = first.setdefault(key, node.output[0])
-    for node in graph.node:
-        node.input[:] = [rename.get(x, x) for x in node.input]
+    for old, new in rename.items():
+        if old != new:
+            _rename_inputs(graph, old, new)
     while True:  # drop Casts nobody reads (repeat: a chain of them dies back to front)
-        read = {x for n in graph.node for x in n.input} | outputs
+        read = {x for n in graph.node for x in n.input} | outputs | _nested_reads(graph)
         dead = [n for n in graph.node if n.op_type == "Cast" and not {*n.output} & read]
         if not dead:
             break
         for n in dead:
             graph.node.remove(n)
-    used = {x for n in graph.node for x in n.input} | outputs
+    used = {x for n in graph.node for x in n.input} | outputs | _nested_reads(graph)
     for t in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(t)
     produced = {o for n in graph.node for o in n.output} - outputs
@@ -245,9 +402,10 @@ def convert_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto
     if F16 in tensors or BF16 in tensors:
         raise SparsecError("model already has fp16/bf16 tensors", hint="pass the fp32 model")
     block_ops = set(float16.DEFAULT_OP_BLOCK_LIST) | set(lowp_unsupported_ops(src, precision))
-    block_nodes = _prepare(src, block_ops)
-    keep = float16.remove_unnecessary_cast_node
+    block_nodes, own_casts = _prepare(src, block_ops)
+    keep = float16.remove_unnecessary_cast_node, float16.sort_topology
     float16.remove_unnecessary_cast_node = lambda graph: None  # breaks on the model's own Casts
+    float16.sort_topology = _toposort  # its own ignores what If/Loop bodies read
     try:
         out = float16.convert_float_to_float16(
             copy.deepcopy(src),
@@ -257,7 +415,8 @@ def convert_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto
             check_fp16_ready=False,
         )
     finally:
-        float16.remove_unnecessary_cast_node = keep
+        float16.remove_unnecessary_cast_node, float16.sort_topology = keep
+    _retype_casts(out.graph, own_casts)
     _fix_outputs(
         out.graph, block_nodes | {n.name for n in out.graph.node if n.op_type in block_ops}
     )

@@ -88,6 +88,33 @@ def _prune_pass(options: CompileOptions, group: list[PruneTarget]):
                             method=options.method)
 
 
+def _nothing_done(report: Report, options: CompileOptions, results: list[PassResult]) -> str | None:
+    """One line when a fold-only, channel or transformer compile changed nothing, with the first
+    reason (the compile still writes the verified, unchanged model: exit 0 is not a silent no-op)."""
+    if options.transformer and report.transformer:
+        blocks = report.transformer.get("blocks") or []
+        changed = any(b.get(f"{k}_after") != b.get(f"{k}_before") for b in blocks
+                      for k in ("heads", "ffn", "tokens"))
+        if not changed:
+            why = report.transformer.get("unexplained") or ["no attention block or FFN found"] \
+                if not blocks else ["every head, neuron and token was kept"]
+            return f"nothing removed: {why[0] if isinstance(why[0], str) else why[0]}"
+        return None
+    if options.structured and report.channels is not None:
+        if report.channels.get("removed"):
+            return None
+        reasons = [r for g in report.channels.get("groups", []) for r in g.get("untouchable", [])]
+        return ("nothing removed: every channel group is kept whole"
+                + (f" ({len(reasons)} reasons, first: {reasons[0]})" if reasons else ""))
+    if options.folds_bn and not options.prunes_weights and not options.structured:
+        fold = next((r for r in results if r.name == "fold-bn"), None)
+        if fold is None or not fold.details.get("folded"):
+            kept = fold.details.get("kept", []) if fold else []
+            return ("nothing folded: " + (f"{len(kept)} BatchNormalization kept, first: {kept[0][0]}: "
+                                          f"{kept[0][1]}" if kept else "the model has no BatchNormalization"))
+    return None
+
+
 def default_output(model_path: Path) -> Path:
     return model_path.with_name(f"{model_path.stem}_sparse")
 
@@ -117,7 +144,7 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
     timings["analyze_s"] = time.perf_counter() - start
 
     settings = _calibration(loaded, options, fixed) if options.calibrated and not nothing else None
-    if options.verify and not options.calibrated and options.calib_range:  # ranges for random verification
+    if options.calib_range:  # ranges of every random input sparsec draws (verify, oracle, probes)
         from sparsec.runtime.calib_data import check_ranges, input_specs
 
         check_ranges(input_specs(model), options.calib_range)
@@ -152,6 +179,7 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
             from sparsec.transformer_compile import transformer_section
 
             report.transformer = transformer_section(plan, model, ctx.store, fixed)
+    report.nothing_pruned = report.nothing_pruned or _nothing_done(report, options, results)
     blobs = _encode(ctx, options, analysis, results, loaded.external, report)
     with staged_dir(out, options.force, (model_path, *loaded.data_files)) as tmp:
         if blobs:
@@ -252,6 +280,9 @@ def _verify(dense: Path, pruned: Path, ctx: PassContext, fixed: dict, options: C
     except SparsecError as exc:
         if options.precision == "fp32":
             raise
+        if "NOT_IMPLEMENTED" not in str(exc):  # a missing kernel is the runtime's; a type error ours
+            raise SparsecError(f"{options.precision} conversion produced a model onnxruntime rejects: {exc}",
+                               "build with --precision fp32 and report this model") from None
         return {"skipped": f"{options.precision} model not runnable on onnxruntime CPU: {exc}"}
     if settings is not None:
         inputs = calibration_inputs(settings.data, options.batch)

@@ -93,6 +93,11 @@ def find_layers(model: onnx.ModelProto) -> LayerAnalysis:
                                    INTEGER_REASON.format(op=node.op_type), "integer op"))
         if node.op_type not in WEIGHT_OPS:
             continue
+        if node.op_type in ("Conv", "ConvTranspose") and _reads_constant_map(index, node):
+            skipped.append(Skipped(node_display_name(node, i), node.op_type, node.input[1],
+                                   "reads a constant map (a border correction): nothing to prune",
+                                   "constant input"))
+            continue
         overridable = [x for x in node.input[:2] if x in index.initializers and x in index.graph_inputs]
         if overridable:
             skipped.append(Skipped(node_display_name(node, i), node.op_type, overridable[0],
@@ -106,6 +111,12 @@ def find_layers(model: onnx.ModelProto) -> LayerAnalysis:
             skipped.append(Skipped(node_display_name(node, i), node.op_type, "", reason, "not prunable"))
     layers, shared_skips = _check_sharing(found, index)
     return LayerAnalysis(tuple(layers), tuple(skipped + shared_skips))
+
+
+def _reads_constant_map(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """A Conv over ConstantOfShape: the border correction channel compensation adds."""
+    producer = index.producer.get(node.input[0])
+    return producer is not None and producer.op_type == "ConstantOfShape"
 
 
 def _subgraph_layers(node: onnx.NodeProto, where: str, outer: set[str]) -> list[Skipped]:

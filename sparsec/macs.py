@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import onnx
 
 from sparsec.errors import SparsecError
@@ -159,7 +160,20 @@ def observe_shapes(model: onnx.ModelProto, store: TensorStore, fixed: dict[str, 
         values = session.run(names, random_feeds(session, fixed))
     except Exception:  # best effort: unknown shapes stay unknown MACs
         return {}
-    return {name: tuple(v.shape) for name, v in zip(names, values, strict=True)}
+    return {name: tuple(v.shape) for name, v in zip(names, values, strict=True)
+            if isinstance(v, np.ndarray)}  # a sequence or map output has no shape
+
+
+def settled_dims(model: onnx.ModelProto, store: TensorStore, fixed: dict[str, tuple[int, ...]]
+                 ) -> dict[str, tuple[int | None, ...]]:
+    """`infer_dims`, completed by one onnxruntime run on the fixed inputs for the tensors whose rank
+    inference leaves unknown: ONNX's data propagation stops at old opsets (a Paddle opset-7 export's
+    Reshape reads its target through Identity), and without ranks no channel rule applies."""
+    dims = infer_dims(model, fixed)
+    missing = [o for n in model.graph.node for o in n.output if o and o not in dims]
+    if missing:
+        dims.update(observe_shapes(model, store, fixed, missing))
+    return dims
 
 
 def layer_tensors(layer: Layer, node: onnx.NodeProto) -> str:

@@ -14,7 +14,7 @@ from sparsec.channel_select import ChannelChoice, choose_channels, filter_scores
 from sparsec.channels import ChannelAnalysis, analyse_channels
 from sparsec.compensation import Compensation, compute_compensation
 from sparsec.layers import find_layers
-from sparsec.macs import infer_dims
+from sparsec.macs import settled_dims
 from sparsec.options import CompileOptions
 from sparsec.tensors import TensorStore
 from sparsec.weights import GraphIndex
@@ -39,7 +39,7 @@ def plan_structured(model: onnx.ModelProto, store: TensorStore, options: Compile
                     fixed: dict, settings=None, *, ratio: float | None = None,
                     ops: tuple[str, ...] | None = None, score: str | None = None) -> StructuredPlan:
     """Channels to remove; `ratio`/`ops`/`score` override the options (used for --ffn)."""
-    dims = infer_dims(model, fixed)
+    dims = settled_dims(model, store, fixed)
     shapes = {name: d for name, d in dims.items() if None not in d}
     analysis = analyse_channels(model, shapes, {name: len(d) for name, d in dims.items()}, store, dims)
     stats = None

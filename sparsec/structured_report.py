@@ -103,8 +103,8 @@ def _inexact(plan) -> list[str]:
     ConvTranspose get an exact border correction (passes/border_correction.py)."""
     nodes = plan.compensation.masked.graph.node
     out = []
-    for n in sorted({n for n, _ in plan.compensation.constants}):
-        name = nodes[n].name or str(n)
+    for n, node in enumerate(nodes):  # every consumer whose removed input varies, folded or not
+        name = node.name or str(n)
         if name in plan.compensation.varying:
             out.append(f"{node_display_name(nodes[n], n)}: its input is not constant everywhere "
                        f"(padding upstream; largest deviation {plan.compensation.varying[name]:.3g})")

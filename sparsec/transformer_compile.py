@@ -146,9 +146,9 @@ def transformer_section(plan: TransformerPlan, model: onnx.ModelProto, store: Te
 
 def _channel_analysis(model: onnx.ModelProto, store: TensorStore, fixed: dict):
     from sparsec.channels import analyse_channels
-    from sparsec.macs import infer_dims
+    from sparsec.macs import settled_dims
 
-    dims = infer_dims(model, fixed)
+    dims = settled_dims(model, store, fixed)
     shapes = {name: d for name, d in dims.items() if None not in d}
     return analyse_channels(model, shapes, {name: len(d) for name, d in dims.items()}, store, dims)
 

@@ -200,9 +200,9 @@ def test_reader_with_get_next(tmp_path):
 
 @pytest.mark.parametrize(("kwargs", "needle"), [
     ({"method": "wanda"}, "needs calibration data"),
-    ({"owl": True, "calib_random": 4}, "--owl"),
+    ({"owl": True, "calib_random": 4}, "owl=True"),
     ({"method": "wanda", "calib_random": 4, "providers": ("cuda",)}, "CUDAExecutionProvider"),
-    ({"method": "wanda", "calib_random": 4, "damp": 0}, "--damp"),
+    ({"method": "wanda", "calib_random": 4, "damp": 0}, "damp=0"),
 ])
 def test_calibration_option_errors(tmp_path, kwargs, needle):
     src = tmp_path / "mlp.onnx"

@@ -150,7 +150,7 @@ def test_tokens_from_must_leave_a_later_layer(tmp_path, transformer_models):
     onnx.save(transformer_models["dynamo"], src)
     with pytest.raises(sparsec.SparsecError, match="tokens_from=2"):
         sparsec.compile(src, output=tmp_path / "o", tokens=0.5, tokens_from=2)
-    with pytest.raises(sparsec.SparsecError, match="--tokens 0.0"):
+    with pytest.raises(sparsec.SparsecError, match="tokens=0.0"):
         sparsec.compile(src, output=tmp_path / "o", tokens=0.0)
 
 
