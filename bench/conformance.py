@@ -1,9 +1,11 @@
 """Conformance matrix: every compile mode on every corpus model, run through the CLI as a user would.
 
 Each cell is **ok** (exit 0, model.onnx passes onnx's full check and loads in onnxruntime, the report shows
-the mode did something and agrees with the files), **refused** (non-zero exit with one ``Error:`` line and
-no traceback) or **failed** (anything else: traceback, crash, timeout, nothing done, invalid output, a report
-that contradicts the files). Transformers also get the number of attention blocks ``sparsec inspect`` finds.
+the mode did something and agrees with the files), **nothing** (exit 0 with a valid, unchanged model and
+the one-line reason in ``report.nothing_pruned``, e.g. a model without BatchNormalization under --fold-bn),
+**refused** (non-zero exit with one ``Error:`` line and no traceback) or **failed** (anything else:
+traceback, crash, timeout, nothing done without a reason, invalid output, a report that contradicts the
+files). Transformers also get the number of attention blocks ``sparsec inspect`` finds.
 
     python bench/model_corpus.py fetch && python bench/model_corpus.py export
     python bench/conformance.py [--models a,b] [--modes nm,wanda] [--small] [--out FILE.md] [--jobs 1]
@@ -67,7 +69,7 @@ BY_NAME = {m.name: m for m in MODES}
 class Cell:
     model: str
     mode: str
-    status: str  # ok | refused | failed | n/a
+    status: str  # ok | nothing | refused | failed | n/a
     detail: str = ""  # the refusal/failure message, or the verify figure for ok
     seconds: float = 0.0
     command: str = ""
@@ -277,10 +279,20 @@ def run_cell(entry: Entry, mode: Mode, work: Path) -> Cell:
         problem = check_ok(mode, entry, out)
         status = "failed" if problem else "ok"
         detail = problem or verify_figure(json.loads((out / "report.json").read_text()))
+        said = _nothing_said(out) if problem and problem.startswith("exit 0 ") else None
+        if said:  # did nothing, and said why in one line: a named non-result, not a silent no-op
+            status, detail = "nothing", said
     else:
         status, detail = classify(rc, stderr)
     shutil.rmtree(out, ignore_errors=True)
     return Cell(entry.id, mode.name, status, detail, seconds, shown)
+
+
+def _nothing_said(out: Path) -> str | None:
+    try:
+        return json.loads((out / "report.json").read_text()).get("nothing_pruned")
+    except (OSError, ValueError):
+        return None
 
 
 def attention_blocks(entry: Entry) -> str:
@@ -330,7 +342,7 @@ def run_matrix(entries: list[Entry], modes: list[Mode], jobs: int = 1, work: Pat
 def markdown(entries: list[Entry], modes: list[Mode], cells: list[Cell], blocks: dict[str, str],
              argv: list[str]) -> str:
     by = {(c.model, c.mode): c for c in cells}
-    mark = {"ok": "ok", "refused": "refused", "failed": "**FAILED**", "n/a": "–"}
+    mark = {"ok": "ok", "nothing": "nothing", "refused": "refused", "failed": "**FAILED**", "n/a": "–"}
     lines = [f"Command: `python bench/conformance.py {' '.join(argv)}`  ",
              f"Date: {datetime.datetime.now().isoformat(timespec='minutes')}, {platform.node()}, "
              f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at the end; "
@@ -340,9 +352,10 @@ def markdown(entries: list[Entry], modes: list[Mode], cells: list[Cell], blocks:
     for e in entries:
         row = [mark[by[(e.id, m.name)].status] if (e.id, m.name) in by else "" for m in modes]
         lines.append(f"| {e.id} | {e.family} | {blocks.get(e.id, '–')} | " + " | ".join(row) + " |")
-    counts = {s: sum(c.status == s for c in cells) for s in ("ok", "refused", "failed")}
-    lines += ["", f"{counts['ok']} ok, {counts['refused']} refused, {counts['failed']} failed.", ""]
-    for status in ("failed", "refused", "ok"):
+    counts = {s: sum(c.status == s for c in cells) for s in ("ok", "nothing", "refused", "failed")}
+    lines += ["", f"{counts['ok']} ok, {counts['nothing']} nothing (reason said), "
+              f"{counts['refused']} refused, {counts['failed']} failed.", ""]
+    for status in ("failed", "refused", "nothing", "ok"):
         group = [c for c in cells if c.status == status]
         if group:
             lines.append(f"**{status}** ({'verify figure' if status == 'ok' else 'message'}):")

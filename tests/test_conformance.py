@@ -115,3 +115,27 @@ def test_report_that_contradicts_the_files_is_a_failure(tmp_path):
     mode = conformance.BY_NAME["nm"]
     assert "layers_pruned" in conformance.what_was_done(mode, {"totals": {"layers_pruned": 0}}, model, model)
     assert "nothing folded" in conformance.what_was_done(conformance.BY_NAME["fold-bn"], {}, model, model)
+
+
+def test_nothing_done_is_named_not_silent(tmp_path):
+    """--fold-bn on a model without BatchNormalization: exit 0, unchanged model, one-line reason."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((8, 4, 3, 3), np.float32), "W")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["y"], name="c")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "nobn.onnx"
+    onnx.save(model, str(path))
+
+    class NoBN(model_corpus.Entry):
+        @property
+        def path(self) -> Path:
+            return path
+
+    cell = conformance.run_cell(NoBN("nobn", "cnn"), conformance.BY_NAME["fold-bn"], tmp_path / "w")
+    assert cell.status == "nothing", cell
+    assert "BatchNormalization" in cell.detail
