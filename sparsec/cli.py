@@ -75,7 +75,7 @@ def cli(verbose: bool) -> None:
               help="Comparison group for unstructured pruning.")
 @click.option("--include", metavar="REGEX", help="Prune only layers whose node name matches.")
 @click.option("--exclude", metavar="REGEX", help="Leave layers whose node name matches dense.")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME=d0,d1,...",
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=d0,d1|NAME:d0xd1",
               help="Fix an input's symbolic dims for verification and MAC counts (repeatable).")
 @click.option("--nm-everywhere", is_flag=True,
               help="Apply N:M also where TensorRT cannot use it (grouped/depthwise conv, ...).")
@@ -185,7 +185,7 @@ def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: floa
 
 @cli.command("inspect")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--shape", "shapes", multiple=True, metavar="NAME=d0,d1,...",
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=d0,d1|NAME:d0xd1",
               help="Fix an input's symbolic dims for MAC counts (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @user_errors
@@ -223,7 +223,7 @@ def decode_cmd(outdir: Path, output: Path) -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Where to write the serialized TensorRT engine.")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME=d0,d1,...",
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=d0,d1|NAME:d0xd1",
               help="Shape of a dynamic input for the optimization profile (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print what TensorRT did as JSON.")
 @user_errors

@@ -43,17 +43,20 @@ class NMPattern:
 
 
 def parse_shapes(items: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:
-    """`NAME=d0,d1,...` items into a dict, with an error naming the bad item."""
+    """`NAME=d0,d1,...` items, or trtexec/polygraphy's `NAME:d0xd1x...`, into a dict, with an error
+    naming the bad item. The last `=` or `:` splits, so names may hold either (`input:0`)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for item in items:
-        name, sep, dims = item.partition("=")
+        cut = max(item.rfind("="), item.rfind(":"))
+        name, dims = (item[:cut], item[cut + 1:]) if cut > 0 else ("", "")
+        sep = "," if item[cut] == "=" else "x"
         try:
-            parsed = tuple(int(d) for d in dims.split(",")) if sep and dims else None
+            parsed = tuple(int(d) for d in dims.split(sep)) if dims else None
         except ValueError:
             parsed = None
         if not name or parsed is None or any(d < 1 for d in parsed):
-            raise SparsecError(f"--shape {item!r} is not NAME=d0,d1,... with positive dims",
-                               "e.g. --shape input_ids=1,128")
+            raise SparsecError(f"--shape {item!r} is not NAME=d0,d1,... (or NAME:d0xd1x...) with "
+                               "positive dims", "e.g. --shape input_ids=1,128 or --shape x:1x3x224x224")
         _check_input_size(item, parsed)
         shapes[name] = parsed
     return shapes
