@@ -38,30 +38,43 @@ def border_kernel(node: onnx.NodeProto, w: np.ndarray, gone: list[int], value: n
 
 
 def add_border_correction(graph: onnx.GraphProto, node: onnx.NodeProto, kernel: np.ndarray,
-                          names: FreshNames) -> list[onnx.NodeProto]:
+                          names: FreshNames, opset: int = 17) -> list[onnx.NodeProto]:
     """Nodes computing op(ones[1, 1, *spatial(x)], kernel) and adding it to the node's output.
 
     The node's output is renamed; the returned nodes (to insert right after it) produce the old
-    name, so every reader downstream is unchanged."""
+    name, so every reader downstream is unchanged. Below opset 10 Slice takes attributes, and below
+    opset 9 (no ConstantOfShape) the ones are a Tile of a constant one (old Paddle exports)."""
     base = node.name or node.op_type
     dtype = kernel.dtype
     k_name, two, big, lead = (names(f"{base}__border_{s}") for s in ("kernel", "start", "end", "lead"))
-    graph.initializer.extend([
-        numpy_helper.from_array(kernel, k_name),
-        numpy_helper.from_array(np.array([2], np.int64), two),
-        numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), big),
-        numpy_helper.from_array(np.array([1, 1], np.int64), lead)])
+    end = np.iinfo(np.int64).max
+    bounds = [numpy_helper.from_array(np.array([2], np.int64), two),
+              numpy_helper.from_array(np.array([end], np.int64), big)] if opset >= 10 else []
+    graph.initializer.extend([numpy_helper.from_array(kernel, k_name), *bounds,
+                              numpy_helper.from_array(np.array([1, 1], np.int64), lead)])
     shape, spatial, dims, ones, corr = (names(f"{base}__border_{s}")
                                         for s in ("shape", "spatial", "dims", "ones", "correction"))
     geometry = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name in _GEOMETRY}
     out = node.output[0]
     node.output[0] = names(f"{out}__before_border")
     one = numpy_helper.from_array(np.ones(1, dtype), "value")
+    if opset >= 10:
+        slice_ = helper.make_node("Slice", [shape, two, big], [spatial], name=names(f"{base}__border_slice"))
+    else:
+        slice_ = helper.make_node("Slice", [shape], [spatial], name=names(f"{base}__border_slice"),
+                                  axes=[0], starts=[2], ends=[end])
+    if opset >= 9:
+        fill = helper.make_node("ConstantOfShape", [dims], [ones], name=names(f"{base}__border_ones"),
+                                value=one)
+    else:
+        unit = names(f"{base}__border_unit")
+        graph.initializer.append(numpy_helper.from_array(np.ones([1] * kernel.ndim, dtype), unit))
+        fill = helper.make_node("Tile", [unit, dims], [ones], name=names(f"{base}__border_ones"))
     return [
         helper.make_node("Shape", [node.input[0]], [shape], name=names(f"{base}__border_shape")),
-        helper.make_node("Slice", [shape, two, big], [spatial], name=names(f"{base}__border_slice")),
+        slice_,
         helper.make_node("Concat", [lead, spatial], [dims], name=names(f"{base}__border_concat"), axis=0),
-        helper.make_node("ConstantOfShape", [dims], [ones], name=names(f"{base}__border_ones"), value=one),
+        fill,
         helper.make_node(node.op_type, [ones, k_name], [corr], name=names(f"{base}__border_conv"),
                          **geometry),
         helper.make_node("Add", [node.output[0], corr], [out], name=names(f"{base}__border_add")),
@@ -78,6 +91,6 @@ def split_border_add(producer_of: dict[str, onnx.NodeProto], node: onnx.NodeProt
     if layer is None or border is None or border.op_type not in ("Conv", "ConvTranspose"):
         return None
     ones = producer_of.get(border.input[0])
-    if ones is None or ones.op_type != "ConstantOfShape" or border.op_type != layer.op_type:
+    if ones is None or ones.op_type not in ("ConstantOfShape", "Tile") or border.op_type != layer.op_type:
         return None
     return node, layer, border

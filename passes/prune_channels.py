@@ -200,7 +200,8 @@ class _Editor:
             if a.node in self.out_keep:  # this consumer's own outputs are cut too
                 out_axis = 1 if node.op_type == "ConvTranspose" else 0
                 kernel = np.compress(self.out_keep[a.node], kernel, axis=out_axis)
-            for new in add_border_correction(self.ctx.model.graph, node, kernel, self.names):
+            opset = next((o.version for o in self.ctx.model.opset_import if o.domain in ("", "ai.onnx")), 17)
+            for new in add_border_correction(self.ctx.model.graph, node, kernel, self.names, opset):
                 self.inserts.append((a.node, new))
             return
         if node.op_type == "Conv":  # W[M, C, kh, kw]

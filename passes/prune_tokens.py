@@ -44,19 +44,28 @@ class PruneTokensPass:
         probs = nodes[blocks[self.after_layer - 1].softmax].output[0]
         cut = nodes[blocks[self.after_layer].q.matmul].input[0]
         late = _descendants(nodes, cut)
+        # graph outputs [B, k, E] are scattered back to [B, L, E]: what reads only them sees all tokens
+        # again and keeps the original sequence inputs (in-graph mean pooling over attention_mask)
+        rank3 = {o.name for o in model.graph.output if len(o.type.tensor_type.shape.dim) == 3}
+        core = _descendants(nodes, cut, stop=rank3)
+        stray = [nodes[b.softmax].name for b in blocks[self.after_layer:] if b.softmax not in core]
+        if stray:  # a later layer would read a scattered (all tokens) output: no saving, a wrong report
+            raise SparsecError(f"token pruning: attention {stray[0]} reads a hidden state that is also a "
+                               "[batch, tokens, features] graph output, so it would see every token",
+                               "drop the intermediate hidden-state outputs, or prune from a later layer")
         seq_inputs = [i.name for i in model.graph.input if len(i.type.tensor_type.shape.dim) == 2]
         new, idx = _selection(probs, cut, self.keep, _opset(model))
         gathered = {x: f"{x}__tokens" for x in seq_inputs}
         new += [helper.make_node("GatherElements", [x, idx], [g], axis=1, name=f"tokens/gather_{x}")
                 for x, g in gathered.items()]
         like_cut = _shaped_like(ctx, nodes, late, cut, seq_inputs)
-        renamed = _clone_side_inputs(nodes, late, cut, gathered, new, like_cut)
+        renamed = _clone_side_inputs(nodes, late, core, cut, gathered, new, like_cut)
         renamed[cut] = "tokens/hidden"
-        for i in late:
+        for i in core:
             for k, name in enumerate(nodes[i].input):
                 if name in renamed:
                     nodes[i].input[k] = renamed[name]
-        outputs = _scatter_outputs(model, nodes, late, cut, idx, new, like_cut)
+        outputs = _scatter_outputs(model, nodes, late, core, cut, idx, new, like_cut)
         del model.graph.node[:]
         model.graph.node.extend(_topological(nodes + new))
         del model.graph.value_info[:]
@@ -114,7 +123,8 @@ def _selection(probs: str, hidden: str, keep: float, opset: int) -> tuple[list, 
     return n, t + "index"
 
 
-def _descendants(nodes, tensor: str) -> set[int]:
+def _descendants(nodes, tensor: str, stop: set[str] = frozenset()) -> set[int]:
+    """Nodes downstream of `tensor`, not following the tensors in `stop`."""
     consumers: dict[str, list[int]] = {}
     for i, node in enumerate(nodes):
         for name in node.input:
@@ -124,7 +134,7 @@ def _descendants(nodes, tensor: str) -> set[int]:
         for i in consumers.get(stack.pop(), []):
             if i not in out:
                 out.add(i)
-                stack.extend(nodes[i].output)
+                stack.extend(o for o in nodes[i].output if o not in stop)
     return out
 
 
@@ -146,11 +156,12 @@ def _shaped_like(ctx, nodes, late: set[int], cut: str, seq_inputs: list[str]) ->
     return {n for n in names if cut in shapes and shapes.get(n) == shapes[cut]}
 
 
-def _clone_side_inputs(nodes, late: set[int], cut: str, gathered: dict[str, str],
+def _clone_side_inputs(nodes, late: set[int], core: set[int], cut: str, gathered: dict[str, str],
                        new: list, like_cut: set[str] = frozenset()) -> dict[str, str]:
-    """Recompute, from the gathered inputs, every early tensor the late layers read that depends
-    on the sequence; refuse when such a tensor comes out of the model's heavy layers. The `Shape`
-    of an early tensor shaped like the cut becomes the `Shape` of the gathered hidden state."""
+    """Recompute, from the gathered inputs, every early tensor the `core` nodes (those running on the
+    kept tokens) read that depends on the sequence; refuse when such a tensor comes out of the model's
+    heavy layers. The `Shape` of an early tensor shaped like the cut becomes the `Shape` of the gathered
+    hidden state."""
     producer = {o: i for i, n in enumerate(nodes) for o in n.output}
     renamed = dict(gathered)
     memo: dict[str, bool] = {}
@@ -187,21 +198,23 @@ def _clone_side_inputs(nodes, late: set[int], cut: str, gathered: dict[str, str]
                 new.append(clone)
         return memo[name]
 
-    for i in late:
+    for i in core:
         for name in nodes[i].input:
             if name and name != cut:
                 depends(name)
     return renamed
 
 
-def _scatter_outputs(model, nodes, late, cut: str, idx: str, new: list, like_cut: set[str]) -> list[str]:
-    """Late graph outputs of shape [B, k, E] go back to [B, L, E] over the hidden state at the cut;
+def _scatter_outputs(model, nodes, late, core, cut: str, idx: str, new: list,
+                     like_cut: set[str]) -> list[str]:
+    """Graph outputs of shape [B, k, E] computed on the kept tokens (`core`) go back to [B, L, E] over
+    the hidden state at the cut;
     any other late output must read only the first (CLS, always kept) token or such scattered outputs."""
     producer = {o: i for i, n in enumerate(nodes) for o in n.output}
     done = []
     for out in model.graph.output:
         i = producer.get(out.name)
-        if i is None or i not in late or len(out.type.tensor_type.shape.dim) != 3:
+        if i is None or i not in core or len(out.type.tensor_type.shape.dim) != 3:
             continue
         inner = f"{out.name}__kept_tokens"
         nodes[i].output[list(nodes[i].output).index(out.name)] = inner
@@ -233,7 +246,7 @@ def _reads_all_tokens(model, nodes, producer, late, cut: str, name: str, scatter
     stack, seen = [name], set()
     while stack:
         t = stack.pop()
-        if t == cut:
+        if t in (cut, "tokens/hidden"):  # late nodes read the gathered hidden state by now
             return "reads the kept tokens' states (or their count)"
         i = producer.get(t)
         if t in seen or t in scattered or i is None or i not in late:

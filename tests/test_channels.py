@@ -239,3 +239,41 @@ def test_split_and_slice_bounds_follow_the_kept_channels(tmp_path):
             for vi in inferred.graph.value_info}
     assert sum(sizes) == dims[split.input[0]][1]
     assert producer[split.input[0]] is not None
+
+
+def _opset7_cnn() -> onnx.ModelProto:
+    """Conv -> BatchNorm (β > 0) -> Relu -> padded 3×3 Conv at opset 7, as old Paddle exports write it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    arrays = {"w1": rng.standard_normal((8, 3, 3, 3)), "w2": rng.standard_normal((4, 8, 3, 3)),
+              "gamma": rng.uniform(0.5, 1.5, 8), "beta": rng.uniform(0.5, 1.0, 8),
+              "mean": rng.standard_normal(8) * 0.1, "var": rng.uniform(0.5, 1.5, 8)}
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items()]
+    bn_inputs = ["c1", "gamma", "beta", "mean", "var"]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("BatchNormalization", bn_inputs, ["bn"], name="bn"),
+             helper.make_node("Relu", ["bn"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", kernel_shape=[3, 3], pads=[1] * 4)]
+    graph = helper.make_graph(nodes, "opset7_cnn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, "h", "w"])],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)], ir_version=4)
+
+
+def test_border_correction_at_opset_7(tmp_path):
+    """Below opset 10 Slice takes attributes and below 9 there is no ConstantOfShape: the correction
+    of a padded consumer must still load, stay exact, and fold with the BatchNorm."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_opset7_cnn(), src)
+    report = sparsec.compile(src, output=tmp_path / "o", channels=0.5, min_params=0,
+                             shapes={"x": (2, 3, 10, 12)})
+    assert report.channels["removed"] == 4
+    assert report.verify["masked"]["max_abs_diff"] < 1e-4 and report.verify["max_abs_diff"] > 1e-2
+    pruned = onnx.load(tmp_path / "o" / "model.onnx")
+    ops = {n.op_type for n in pruned.graph.node}
+    assert pruned.opset_import[0].version == 7 and "Tile" in ops and "BatchNormalization" not in ops
+    onnx.checker.check_model(pruned, full_check=True)
+    x = np.random.default_rng(1).standard_normal((1, 3, 7, 9)).astype(np.float32)
+    assert run(str(tmp_path / "o" / "model.onnx"), {"x": x})[0].shape == (1, 4, 7, 9)

@@ -179,10 +179,12 @@ def _nan_and_default_model(path: Path) -> Path:
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"),
          helper.make_node("MatMul", ["y", "W2"], ["z"], name="mm2")], "g",
-        [helper.make_tensor_value_info("x", F32, [1, 32]), helper.make_tensor_value_info("W2", F32, [32, 32])],
+        [helper.make_tensor_value_info("x", F32, [1, 32]),
+         helper.make_tensor_value_info("W2", F32, [32, 32])],
         [helper.make_tensor_value_info("z", F32, [1, 32])],
         [numpy_helper.from_array(w, "W"),
-         numpy_helper.from_array(np.random.default_rng(2).standard_normal((32, 32)).astype(np.float32), "W2")])
+         numpy_helper.from_array(np.random.default_rng(2).standard_normal((32, 32)).astype(np.float32),
+                                 "W2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
