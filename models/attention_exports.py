@@ -2,7 +2,9 @@
 
 * ``build_hf_bert`` — a ``transformers`` BertModel (eager attention) with ``last_hidden_state`` and
   ``pooler_output``: the context tensor also feeds ``Shape`` (``context.size()[:-2]``).
-* ``build_hf_vit`` — a ``transformers`` ViTModel on a small image (sequence = patches + CLS).
+* ``build_hf_vit`` — a ``transformers`` ViTModel on a small image (sequence = patches + CLS); pre-norm
+  blocks, and under dynamo constant token counts in Reshape targets and a constant attention bias
+  (``hf_vit_module`` gives the torch module).
 * ``build_fused_qkv`` — timm/PaddleOCR-style attention: one ``Linear(E, 3E)`` reshaped to
   [B, L, 3, H, D], permuted and unbound into Q, K and V.
 * ``build_opset7_block`` — one attention block + ReLU FFN written with ``onnx.helper`` at opset 7 the
@@ -85,9 +87,9 @@ def build_hf_bert(seed: int = 0, exporter: str = "torchscript", layers: int = 2,
                     "pooler_output": {0: "batch"}}, exporter)
 
 
-def build_hf_vit(seed: int = 0, exporter: str = "torchscript", layers: int = 2, hidden: int = 64,
-                 heads: int = 4, image: int = 32, patch: int = 8) -> onnx.ModelProto:
-    """ViTModel on [B, 3, image, image] -> last_hidden_state [B, (image/patch)² + 1, E]."""
+def hf_vit_module(seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4, image: int = 32,
+                  patch: int = 8):
+    """The seeded torch ViTModel wrapper that `build_hf_vit` exports (a test's independent reference)."""
     import torch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -105,7 +107,15 @@ def build_hf_vit(seed: int = 0, exporter: str = "torchscript", layers: int = 2, 
         def forward(self, pixel_values):
             return self.vit(pixel_values=pixel_values).last_hidden_state
 
-    module = _seeded(seed, Wrapper)
+    return _seeded(seed, Wrapper)
+
+
+def build_hf_vit(seed: int = 0, exporter: str = "torchscript", layers: int = 2, hidden: int = 64,
+                 heads: int = 4, image: int = 32, patch: int = 8) -> onnx.ModelProto:
+    """ViTModel on [B, 3, image, image] -> last_hidden_state [B, (image/patch)² + 1, E]."""
+    import torch
+
+    module = hf_vit_module(seed, layers, hidden, heads, image, patch)
     x = torch.randn(2, 3, image, image, generator=torch.Generator().manual_seed(seed))
     return _export(module, (x,), ["pixel_values"], ["last_hidden_state"],
                    {"pixel_values": {0: "batch"}, "last_hidden_state": {0: "batch"}}, exporter)

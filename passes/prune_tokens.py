@@ -16,6 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from sparsec.passes.token_shapes import (
+    check_runs,
+    follow_token_count,
+    observe,
+    probe_shapes,
+    residual_cut,
+    wanted,
+)
 
 from sparsec.attention import find_attention
 from sparsec.errors import SparsecError
@@ -28,6 +36,7 @@ HEAVY = ("MatMul", "Gemm", "Conv", "Softmax", "LayerNormalization")
 class PruneTokensPass:
     keep: float
     after_layer: int  # 1-based: the layer whose attention scores the tokens
+    shapes: dict | None = None  # --shape, for the probe runs
     name: str = "prune-tokens"
     requires: frozenset[str] = frozenset()
 
@@ -42,7 +51,7 @@ class PruneTokensPass:
                                "layers; choose a layer before the last", "e.g. --tokens-from 2")
         nodes = list(model.graph.node)
         probs = nodes[blocks[self.after_layer - 1].softmax].output[0]
-        cut = nodes[blocks[self.after_layer].q.matmul].input[0]
+        cut = residual_cut(nodes, nodes[blocks[self.after_layer].q.matmul].input[0], _descendants)
         late = _descendants(nodes, cut)
         # graph outputs [B, k, E] are scattered back to [B, L, E]: what reads only them sees all tokens
         # again and keeps the original sequence inputs (in-graph mean pooling over attention_mask)
@@ -58,17 +67,27 @@ class PruneTokensPass:
         gathered = {x: f"{x}__tokens" for x in seq_inputs}
         new += [helper.make_node("GatherElements", [x, idx], [g], axis=1, name=f"tokens/gather_{x}")
                 for x, g in gathered.items()]
-        like_cut = _shaped_like(ctx, nodes, late, cut, seq_inputs)
+        fixed = probe_shapes(model, self.shapes, seq_inputs)
+        seen = observe(model, ctx.store, fixed, [*_shape_reads(nodes, late), *wanted(nodes, late, core, cut),
+                                                 *(o.name for o in model.graph.output)])
+        like_cut = {n for n in _shape_reads(nodes, late) if cut in seen and n in seen
+                    and seen[n].shape == seen[cut].shape}
         renamed = _clone_side_inputs(nodes, late, core, cut, gathered, new, like_cut)
         renamed[cut] = "tokens/hidden"
+        follow_token_count(nodes, late, core, cut, renamed, seen, idx, new)
         for i in core:
             for k, name in enumerate(nodes[i].input):
                 if name in renamed:
                     nodes[i].input[k] = renamed[name]
-        outputs = _scatter_outputs(model, nodes, late, core, cut, idx, new, like_cut)
+        outputs = _scatter_outputs(model, nodes, late, core, cut, idx, new, like_cut, seen)
+        if _opset(model) < 13:  # Unsqueeze's axes input, GatherND's batch_dims
+            raise SparsecError(f"token pruning writes opset-13 ops; the model imports opset {_opset(model)}",
+                               "convert it with onnx.version_converter first")
         del model.graph.node[:]
         model.graph.node.extend(_topological(nodes + new))
         del model.graph.value_info[:]
+        if seen:
+            check_runs(model, ctx.store, fixed, seen)
         return PassResult(self.name, True, {"keep": self.keep, "after_layer": self.after_layer,
                                             "outputs": outputs})
 
@@ -138,22 +157,12 @@ def _descendants(nodes, tensor: str, stop: set[str] = frozenset()) -> set[int]:
     return out
 
 
-def _shaped_like(ctx, nodes, late: set[int], cut: str, seq_inputs: list[str]) -> set[str]:
-    """Tensors shaped like the cut ([B, L, E]) among those early `Shape`s and late `Gather`/`Slice`s read,
-    found by one onnxruntime run with distinct batch and length (an encoder computes its reshape
-    targets from the embeddings' shape; a CLS pooler gathers token 0 of the last hidden state)."""
-    names = sorted({n.input[0] for i, n in enumerate(nodes) if n.op_type == "Shape" and i not in late
-                    or n.op_type in ("Gather", "Slice") and i in late})  # and what a pooler reads
-    if not names:
-        return set()
-    from sparsec.macs import observe_shapes
-
-    fixed = {x: (3, 7) for x in seq_inputs}
-    try:
-        shapes = observe_shapes(ctx.model, ctx.store, fixed, [*names, cut])
-    except Exception:  # a model onnxruntime cannot run here: no Shape is replaced
-        return set()
-    return {n for n in names if cut in shapes and shapes.get(n) == shapes[cut]}
+def _shape_reads(nodes, late: set[int]) -> list[str]:
+    """What early `Shape`s and late `Gather`/`Slice`s read: those shaped like the cut ([B, L, E]) are the
+    hidden state (an encoder computes its reshape targets from the embeddings' shape; a CLS pooler
+    gathers token 0 of the last hidden state)."""
+    return sorted({n.input[0] for i, n in enumerate(nodes) if n.op_type == "Shape" and i not in late
+                   or n.op_type in ("Gather", "Slice") and i in late})
 
 
 def _clone_side_inputs(nodes, late: set[int], core: set[int], cut: str, gathered: dict[str, str],
@@ -166,37 +175,49 @@ def _clone_side_inputs(nodes, late: set[int], core: set[int], cut: str, gathered
     renamed = dict(gathered)
     memo: dict[str, bool] = {}
 
-    def depends(name: str) -> bool:
-        if name in gathered:
-            return True
-        i = producer.get(name)
-        if i is None or i in late:
-            return False
-        if name not in memo and nodes[i].op_type == "Shape" and nodes[i].input[0] in like_cut:
-            clone = onnx.NodeProto()
-            clone.CopyFrom(nodes[i])
-            clone.name = f"{nodes[i].name}__tokens"
-            clone.input[0] = "tokens/hidden"
-            renamed[name] = clone.output[0] = f"{name}__tokens"
-            new.append(clone)
-            memo[name] = True
-        if name not in memo:
-            memo[name] = any(depends(x) for x in nodes[i].input if x)
-            if memo[name] and nodes[i].op_type in HEAVY:
-                raise SparsecError(f"token pruning: the later layers read {name} from "
-                                   f"{nodes[i].name} ({nodes[i].op_type}), which sparsec will not recompute")
-            if memo[name]:
-                clone = onnx.NodeProto()
-                clone.CopyFrom(nodes[i])
-                clone.name = f"{nodes[i].name}__tokens"
-                for k, x in enumerate(clone.input):
-                    if x and depends(x):
-                        clone.input[k] = renamed[x]
-                for k, x in enumerate(clone.output):
-                    renamed[x] = f"{x}__tokens"
-                    clone.output[k] = renamed[x]
-                new.append(clone)
-        return memo[name]
+    def clone(i: int, name: str) -> None:
+        node = onnx.NodeProto()
+        node.CopyFrom(nodes[i])
+        node.name = f"{nodes[i].name}__tokens"
+        for k, x in enumerate(node.input):
+            if x and memo.get(x, x in gathered):
+                node.input[k] = renamed[x]
+        for k, x in enumerate(node.output):
+            renamed[x] = f"{x}__tokens"
+            node.output[k] = renamed[x]
+        new.append(node)
+        if nodes[i].op_type in HEAVY:
+            raise SparsecError(f"token pruning: the later layers read {name} from "
+                               f"{nodes[i].name} ({nodes[i].op_type}), which sparsec will not recompute")
+
+    def depends(root: str) -> bool:
+        """Iterative (a backbone before the cut can be thousands of nodes deep): post-order over producers."""
+        stack = [(root, False)]
+        while stack:
+            name, expanded = stack.pop()
+            if name in gathered or name in memo:
+                continue
+            i = producer.get(name)
+            if i is None or i in late:
+                memo[name] = False
+            elif nodes[i].op_type == "Shape" and nodes[i].input[0] in like_cut:
+                shape = onnx.NodeProto()
+                shape.CopyFrom(nodes[i])
+                shape.name = f"{nodes[i].name}__tokens"
+                shape.input[0] = "tokens/hidden"
+                renamed[name] = shape.output[0] = f"{name}__tokens"
+                new.append(shape)
+                memo[name] = True
+            elif not expanded:
+                stack.append((name, True))
+                stack.extend((x, False) for x in nodes[i].input if x and x not in memo and x not in gathered)
+            else:
+                memo[name] = any(memo.get(x, x in gathered) for x in nodes[i].input if x)
+                for o in nodes[i].output:
+                    memo.setdefault(o, memo[name])
+                if memo[name]:
+                    clone(i, name)
+        return root in gathered or memo[root]
 
     for i in core:
         for name in nodes[i].input:
@@ -206,7 +227,7 @@ def _clone_side_inputs(nodes, late: set[int], core: set[int], cut: str, gathered
 
 
 def _scatter_outputs(model, nodes, late, core, cut: str, idx: str, new: list,
-                     like_cut: set[str]) -> list[str]:
+                     like_cut: set[str], seen: dict) -> list[str]:
     """Graph outputs of shape [B, k, E] computed on the kept tokens (`core`) go back to [B, L, E] over
     the hidden state at the cut;
     any other late output must read only the first (CLS, always kept) token or such scattered outputs."""
@@ -216,6 +237,8 @@ def _scatter_outputs(model, nodes, late, core, cut: str, idx: str, new: list,
         i = producer.get(out.name)
         if i is None or i not in core or len(out.type.tensor_type.shape.dim) != 3:
             continue
+        if out.name in seen and cut in seen and seen[out.name].shape != seen[cut].shape:
+            continue  # per-token logits [B, L, classes]: not a hidden state to scatter into
         inner = f"{out.name}__kept_tokens"
         nodes[i].output[list(nodes[i].output).index(out.name)] = inner
         o = out.name
@@ -231,7 +254,8 @@ def _scatter_outputs(model, nodes, late, core, cut: str, idx: str, new: list,
         if i is not None and i in late and out.name not in done:
             reason = _reads_all_tokens(model, nodes, producer, late, cut, out.name, set(done), like_cut)
             if reason:
-                raise SparsecError(f"token pruning: output {out.name} is not [batch, tokens, features] and "
+                raise SparsecError(f"token pruning: output {out.name} is not a hidden state to scatter back "
+                                   f"to every token ([batch, tokens, features] like the cut) and "
                                    f"{reason}", "only outputs reading the CLS token or no token are allowed")
     return done
 

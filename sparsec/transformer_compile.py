@@ -22,6 +22,7 @@ class TransformerPlan:
     batch_seq: tuple[int, int] | None = None  # B and L at the first attention layer's input (dense model)
     blocks: tuple = ()  # attention blocks of the dense model
     ffn_sources: dict | None = None  # block name -> (FFN source name, width) in the dense model
+    fixed: dict | None = None  # --shape, for the token pass's probe runs
 
     def passes(self) -> list:
         from sparsec.passes.prune_channels import PruneChannelsPass
@@ -36,7 +37,7 @@ class TransformerPlan:
         if self.tokens is not None:  # last: it re-finds attention in the graph as it is then
             from sparsec.passes.prune_tokens import PruneTokensPass
 
-            out.append(PruneTokensPass(*self.tokens))
+            out.append(PruneTokensPass(*self.tokens, shapes=self.fixed))
         return out
 
     def masked(self, model: onnx.ModelProto, store: TensorStore) -> onnx.ModelProto | None:
@@ -75,7 +76,7 @@ def plan_transformer(model: onnx.ModelProto, store: TensorStore, options: Compil
     blocks = heads.analysis.blocks if heads else find_attention(model).blocks
     channels = ffn.analysis if ffn else _channel_analysis(model, store, fixed)
     return TransformerPlan(heads, ffn, tokens, _batch_seq(model, store, fixed, blocks), blocks,
-                           _ffn_by_block(blocks, channels))
+                           _ffn_by_block(blocks, channels), fixed)
 
 
 def _ffn_by_block(blocks, analysis) -> dict[str, tuple[str, int]]:

@@ -171,3 +171,90 @@ def test_tokens_refuse_an_intermediate_hidden_state_output(tmp_path):
     model.graph.output.append(helper.make_tensor_value_info(middle, TensorProto.FLOAT, ["batch", "seq", 64]))
     with pytest.raises(SparsecError, match="reads a hidden state that is also"):
         compile_saved(tmp_path, model, TOKENS, tokens=0.5, tokens_from=1)
+
+
+@pytest.fixture(scope="module")
+def vit3():
+    from sparsec.models.attention_exports import hf_vit_module
+
+    module = hf_vit_module(layers=3)
+    return module, {e: build_hf_vit(exporter=e, layers=3) for e in ("torchscript", "dynamo")}
+
+
+def _vit_tokens_reference(module, x: np.ndarray, keep: float):
+    """Independent torch reference: layer 1's probabilities (mean over heads and queries, CLS kept) pick
+    the tokens, layers 2.. run on them, the final LayerNorm follows; also the residual state at the cut."""
+    import torch
+
+    vit = module.vit
+    with torch.no_grad():
+        h = vit.embeddings(torch.from_numpy(x))
+        _, probs = vit.layers[0].attention(vit.layers[0].layernorm_before(h), None)
+        h = vit.layers[0](h, None)
+        score = probs.mean(dim=(1, 2))
+        score[:, 0] += 1e9
+        k = int(np.ceil(keep * h.shape[1]))
+        idx = score.topk(k, dim=1).indices.sort(dim=1).values
+        kept = torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[2]))
+        for layer in vit.layers[1:]:
+            kept = layer(kept, None)
+        return idx.numpy(), vit.layernorm(kept).numpy(), h.numpy()
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_tokens_on_hf_vit_match_a_torch_reference(tmp_path, vit3, exporter):
+    """Pre-norm ViT: the late residual Adds read the stream before layernorm_before (the cut moves up to
+    it); dynamo bakes 17 into Reshape targets and builds a constant [B, 1, 17, 17] bias (both follow k)."""
+    module, models = vit3
+    shapes = {"pixel_values": (2, 3, 32, 32)}
+    report, path = compile_saved(tmp_path, models[exporter], shapes, tokens=0.5, tokens_from=1)
+    assert [b["tokens_after"] for b in report.transformer["blocks"]] == [17, 9, 9]
+    x = np.random.default_rng(3).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    (out,) = run(path, {"pixel_values": x})
+    idx, want, cut = _vit_tokens_reference(module, x, 0.5)
+    assert out.shape == (3, 17, 64)
+    for b in range(3):
+        np.testing.assert_allclose(out[b, idx[b]], want[b], atol=1e-4, rtol=1e-4)
+        pruned = np.setdiff1d(np.arange(17), idx[b])
+        np.testing.assert_allclose(out[b, pruned], cut[b, pruned], atol=1e-5)  # the state at the cut
+    dense_report, dense_path = compile_saved(tmp_path / "keep", models[exporter], shapes, tokens=1.0,
+                                             tokens_from=1)
+    # bit-exact where onnxruntime fuses alike: its optimiser fuses the static-17 dense graph differently
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    got, want = (ort.InferenceSession(p, plain, providers=["CPUExecutionProvider"])
+                 .run(None, {"pixel_values": x})
+                 for p in (dense_path, str(tmp_path / "keep" / "m.onnx")))
+    np.testing.assert_array_equal(got[0], want[0])
+    assert dense_report.verify["max_abs_diff"] < 1e-5
+
+
+def _deep_chain_logits(classes: int) -> onnx.ModelProto:
+    """PP-OCR rec's shape: a long backbone chain before the attention blocks (2000 nodes), a shortcut from
+    it past them and a per-token classifier [B, L, classes] at the end."""
+    model = build_legacy_bert(exporter="torchscript")
+    chain = [helper.make_node("Relu" if k % 2 else "Neg", [f"chain{k}" if k else "tokens"], [f"chain{k + 1}"],
+                              name=f"chain{k}") for k in range(2000)]
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            if name == "tokens":
+                node.input[k] = "chain2000"
+    weight = onnx.numpy_helper.from_array(np.ones((64, classes), np.float32) / 64, "head.w")
+    model.graph.initializer.append(weight)
+    nodes = list(chain) + list(model.graph.node) + [
+        helper.make_node("Add", ["out", "chain1000"], ["short"], name="shortcut"),
+        helper.make_node("MatMul", ["short", "head.w"], ["logits"], name="head")]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                            ["batch", "seq", classes]))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_tokens_refuse_per_token_logits_after_a_deep_backbone(tmp_path):
+    """A 2000-node chain before the cut made the side-input walk recurse past Python's limit; an output of
+    per-token logits [B, L, classes] (CTC) reads every kept token and cannot be scattered: refused."""
+    with pytest.raises(SparsecError, match="output logits .*reads the kept tokens"):
+        compile_saved(tmp_path, _deep_chain_logits(10), TOKENS, tokens=0.5, tokens_from=1)
