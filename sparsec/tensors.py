@@ -67,15 +67,7 @@ class TensorStore:
         dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
         dims = tuple(tensor.dims)
         if info is not None:
-            offset = int(info.get("offset", 0))
-            count = math.prod(dims)
-            with open(external_path(self.base_dir, tensor), "rb") as f:
-                f.seek(offset)
-                arr = np.fromfile(f, dtype=dtype, count=count)
-            if arr.size != count:
-                raise SparsecError(f"external data of tensor {tensor.name!r} is truncated",
-                                   "the .data file does not match the model")
-            return arr.reshape(dims)
+            return self._mapped(tensor, int(info.get("offset", 0)), np.dtype(dtype), dims)
         if tensor.HasField("raw_data"):
             raw = tensor.raw_data
             if len(raw) != math.prod(dims) * np.dtype(dtype).itemsize:
@@ -88,6 +80,21 @@ class TensorStore:
         except ValueError as exc:
             raise SparsecError(f"tensor {tensor.name!r} cannot be read: {exc}",
                                "the model file is corrupt") from None
+
+    def _mapped(self, tensor: onnx.TensorProto, offset: int, dtype: np.dtype, dims: tuple[int, ...]
+                ) -> np.ndarray:
+        """A read-only view of the values in the data file (memory-mapped: no copy is made until a
+        pass changes them, and saving writes untouched tensors straight from the page cache)."""
+        path = external_path(self.base_dir, tensor)
+        count = math.prod(dims)
+        if count == 0:
+            return np.zeros(dims, dtype)
+        try:
+            arr = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
+        except (ValueError, OSError):
+            raise SparsecError(f"external data of tensor {tensor.name!r} is truncated",
+                               "the .data file does not match the model") from None
+        return arr.reshape(dims)
 
     def write(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
         """Replace a tensor's values (same dtype and shape)."""
