@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # golden builders: models/
 WORK, RESULTS = HERE / "_work", HERE / "RESULTS.md"
 MODEL = WORK / "all-MiniLM-L6-v2.dynamo.onnx"
 MB, TIME_TARGET, RSS_TARGET = 1e6, 1.15, 1.2
@@ -67,6 +68,7 @@ def _patch_sparsec() -> None:
     onnxruntime's default order is a reverse DFS from the graph's leaves, last leaf first: with the reducers
     appended in layer order, the first DFS walks the whole network and every reducer runs at the end."""
     import onnx
+
     import sparsec.runtime.calibrate as calibrate
     from sparsec.runtime.instrument import PREFIX
 
@@ -98,12 +100,11 @@ def worker(kind: str, npz: str, batch: int, minmax_ops: str, threads: int) -> di
         from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
     elif not kind.startswith("plain"):
         import sparsec.runtime.calibrate as calibrate
+        from sparsec.core.graph import load_model
+        from sparsec.core.layers import find_layers
+        from sparsec.core.shapes import fixed_input_shapes
         from sparsec.runtime.calib_data import input_specs, open_calibration
         from sparsec.runtime.calibrate import CalibrationSettings, collect_stats
-
-        from sparsec.graph import load_model
-        from sparsec.layers import find_layers
-        from sparsec.macs import fixed_input_shapes
 
         if kind.endswith("+order"):
             _patch_sparsec()
@@ -182,7 +183,8 @@ def _data(n: int, seq_len: int) -> Path:
     if not npz.exists():
         sys.path.insert(0, str(HERE))
         import corpus  # bench/corpus.py
-        from sparsec.models.minilm import tokenizer
+
+        from models.minilm import tokenizer
 
         calib, _ = corpus.split(corpus.docstring_sentences(), n, 0, seed=0)
         feeds = corpus.tokenize(calib, tokenizer(), max_len=seq_len, pad_to_max=True)
@@ -216,7 +218,7 @@ def main() -> None:
         return
     if args.quick:
         args.samples, args.repeat = 64, 1
-    from sparsec.models.minilm import export_minilm
+    from models.minilm import export_minilm
 
     WORK.mkdir(exist_ok=True)
     export_minilm(MODEL)

@@ -4,7 +4,7 @@ Generates a BERT-like fp32 encoder with external data (bench/gen_transformer.py)
 bench/_work/ (reused when the parameters match), then measures, each in its own fresh
 subprocess so that peak RSS belongs to that measurement alone:
 
-  baseline          sparsec.graph.load_model + sparsec.graph.save_model(external=True)
+  baseline          sparsec.core.graph.load_model + sparsec.core.graph.save_model(external=True)
   2:4               sparsec.compile(model, nm="2:4", verify=False)
   unstructured 0.5  sparsec.compile(model, sparsity=0.5, verify=False)   (group "output")
 
@@ -64,7 +64,8 @@ KINDS = {
     "2:4": {"nm": "2:4"},
     "unstructured 0.5": {"sparsity": 0.5},
 }
-# installed layout of the package (pyproject's package-dir mapping)
+# where an older commit's folders go in the installed layout (it mapped them with pyproject's package-dir);
+# a commit since the folders became packages has sparsec/ alone
 PACKAGE_DIRS = {"sparsec": "sparsec", "passes": "sparsec/passes", "runtime": "sparsec/runtime",
                 "models": "sparsec/models"}
 
@@ -91,20 +92,20 @@ def _pruned(report) -> dict[str, int]:
 def _work_around_mutating_save(result: dict):
     """Let an older sparsec.compile finish on an external-data model; returns an undo function.
 
-    At commit 57a3e88, sparsec.graph.save_model -> onnx.save_model(save_as_external_data) turns
+    At commit 57a3e88, sparsec.core.graph.save_model -> onnx.save_model(save_as_external_data) turns
     the in-memory tensors into EXTERNAL references to "model.onnx.data" and drops their
     raw_data; compile's report (built after save) then calls tensor_to_array on them and onnx
     resolves that relative path against the *current directory*, so compile raises
     ValidationError ("should be stored in model.onnx.data, but it is not regular file").
     Wrapping save_model to chdir into the staged output directory makes those reads hit the
     file just written (page cache): about the cost of copying from memory. Only installed
-    when sparsec.graph still has tensor_to_array (that API), only acts when the model really
+    when sparsec.core.graph still has tensor_to_array (that API), only acts when the model really
     was mutated, and records in `result` that it did.
     """
     import onnx
 
     import sparsec.compiler as compiler
-    import sparsec.graph as graph
+    import sparsec.core.graph as graph
 
     real = getattr(compiler, "save_model", None)
     cwd = os.getcwd()
@@ -146,7 +147,7 @@ def _measure(kind: str, model: Path, out: Path, options: dict) -> dict:
     import onnx  # noqa: F401
 
     import sparsec
-    from sparsec.graph import load_model, save_model
+    from sparsec.core.graph import load_model, save_model
 
     result: dict = {"kind": kind, "sparsec_file": sparsec.__file__, "rss_after_imports": _rss()}
     if kind == "onnx-baseline":  # what any tool built on the onnx library pays to load and save
@@ -264,27 +265,36 @@ class _TimedFile:
 # both the protobuf-held (57a3e88) and the TensorStore versions of sparsec.
 PROBES = {
     "sparsec.compiler": ("load_model", "save_model", "fixed_input_shapes", "find_layers",
-                         "select_targets", "infer_shapes", "build_pipeline", "_report",
+                         "select_targets", "infer_shapes", "layer_shapes", "build_pipeline", "_report",
                          "tensor_to_array", "np:count_nonzero"),
-    "sparsec.pipeline": ("Pipeline.run",),
-    "sparsec.passes.prune_weights": ("PruneWeightsPass.run", "PruneWeightsPass._prune",
-                                     "tensor_to_array", "write_array", "nm_mask", "unstructured_mask",
-                                     "apply_mask", "to_effective", "to_stored",
-                                     "np:count_nonzero,copyto,array"),
-    "sparsec.passes.check_pattern": ("CheckPatternPass.run", "tensor_to_array", "satisfies_nm"),
-    "sparsec.passes.precision": ("PrecisionPass.run",),
-    "sparsec.masks": ("_nan_as_inf", "_nm_block", "_lowest_k_removed", "satisfies_nm",
-                      "np:ascontiguousarray,argsort,put_along_axis,isnan,multiply"),
-    "sparsec.scores": ("magnitude",),
-    "sparsec.graph": ("tensor_to_array", "write_array", "_external_files",
-                      "onnx:load,load_external_data_for_model,save_model",
-                      "numpy_helper:to_array,from_array", "np:array"),
-    "sparsec.tensors": ("TensorStore.read", "TensorStore.write", "TensorStore.write_external",
-                        "TensorStore.materialize", "np:fromfile,ascontiguousarray,frombuffer", "open"),
+    "sparsec.core.pipeline": ("Pipeline.run",),
+    "sparsec.weights.prune_weights": ("PruneWeightsPass.run", "PruneWeightsPass._prune",
+                                      "tensor_to_array", "write_array", "nm_mask", "unstructured_mask",
+                                      "apply_mask", "to_effective", "to_stored",
+                                      "np:count_nonzero,copyto,array"),
+    "sparsec.weights.check_pattern": ("CheckPatternPass.run", "tensor_to_array", "satisfies_nm"),
+    "sparsec.runtime.precision_pass": ("PrecisionPass.run",),
+    "sparsec.weights.masks": ("_nan_as_inf", "_nm_block", "_lowest_k_removed", "satisfies_nm",
+                              "np:ascontiguousarray,argsort,put_along_axis,isnan,multiply"),
+    "sparsec.weights.scores": ("magnitude",),
+    "sparsec.core.graph": ("tensor_to_array", "write_array", "_external_files",
+                           "onnx:load,load_external_data_for_model,save_model",
+                           "numpy_helper:to_array,from_array", "np:array"),
+    "sparsec.core.tensors": ("TensorStore.read", "TensorStore.write", "TensorStore.write_external",
+                             "TensorStore.materialize", "np:fromfile,ascontiguousarray,frombuffer", "open"),
     "onnx.external_data_helper": ("load_external_data_for_tensor", "_read_external_data_bytes",
                                   "save_external_data", "convert_model_to_external_data",
                                   "write_external_data_tensors", "os:fdopen"),
     "onnx": ("convert_model_to_external_data", "write_external_data_tensors"),
+}
+# the same modules' names before the folders became packages (a --rev of an older commit)
+FORMER_NAMES = {
+    "sparsec.core.pipeline": "sparsec.pipeline",
+    "sparsec.weights.prune_weights": "sparsec.passes.prune_weights",
+    "sparsec.weights.check_pattern": "sparsec.passes.check_pattern",
+    "sparsec.runtime.precision_pass": "sparsec.passes.precision", "sparsec.weights.masks": "sparsec.masks",
+    "sparsec.weights.scores": "sparsec.scores", "sparsec.core.graph": "sparsec.graph",
+    "sparsec.core.tensors": "sparsec.tensors",
 }
 
 
@@ -293,7 +303,10 @@ def _install_probes(probe: _Probe) -> None:
         try:
             mod = importlib.import_module(modname)
         except ImportError:
-            continue
+            try:
+                mod = importlib.import_module(FORMER_NAMES.get(modname, modname))
+            except ImportError:
+                continue
         short = modname.replace("sparsec.", "").replace("onnx.external_data_helper", "onnx.edh")
         for name in names:
             if ":" in name:
@@ -329,7 +342,7 @@ def _install_probes(probe: _Probe) -> None:
 def _probe_dataclass_defaults(probe: _Probe) -> None:
     """Dataclass fields default to functions bound at class creation (the pass's score)."""
     try:
-        from sparsec.passes.prune_weights import PruneWeightsPass
+        from sparsec.weights.prune_weights import PruneWeightsPass
     except ImportError:
         return
     init = PruneWeightsPass.__init__
@@ -422,7 +435,10 @@ def export_source(rev: str) -> tuple[Path, str]:
     raw = WORK / f"src-{sha[:12]}.tmp"
     shutil.rmtree(raw, ignore_errors=True)
     raw.mkdir(parents=True)
-    blob = subprocess.run(["git", "archive", "--format=tar", sha, *PACKAGE_DIRS], cwd=ROOT, check=True,
+    present = subprocess.run(["git", "ls-tree", "--name-only", sha], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout.split()
+    paths = [p for p in PACKAGE_DIRS if p in present]
+    blob = subprocess.run(["git", "archive", "--format=tar", sha, *paths], cwd=ROOT, check=True,
                           capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
         tar.extractall(raw, filter="data")
@@ -490,9 +506,9 @@ def describe_source(sha: str | None) -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sparsec", "passes", "runtime"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sparsec"],
                                cwd=ROOT, capture_output=True, text=True).stdout.splitlines()
-        desc += f" (HEAD {head}" + (f" + {len(dirty)} uncommitted files in sparsec/passes/runtime)"
+        desc += f" (HEAD {head}" + (f" + {len(dirty)} uncommitted files in sparsec/)"
                                     if dirty else ", clean)")
     except (OSError, subprocess.CalledProcessError):
         pass

@@ -1,6 +1,6 @@
 """Weight-encoding benchmark: bits per weight of every format, and encode/decode throughput.
 
-Measures, with sparsec.runtime.codec (layouts in docs/FORMAT.md):
+Measures, with sparsec.encoding.codec (layouts in docs/FORMAT.md):
 
   sweep       bits per weight of each format against sparsity 0..99 % (uniform random masks on a
               1024x1024 tensor of normal values, float16 and float32), next to the information
@@ -39,7 +39,8 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from sparsec.runtime import codec, container  # noqa: E402
+
+from sparsec.encoding import codec, container  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -291,13 +292,14 @@ def commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "runtime"], cwd=HERE,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sparsec/encoding"], cwd=HERE,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     where = Path(codec.__file__).resolve().parent
-    source = "" if where == HERE.parent / "runtime" else f"; WARNING: sparsec.runtime imported from {where}"
-    return f"{sha}{' + working tree (runtime/ modified)' if dirty else ''}{source}"
+    ours = HERE.parent / "sparsec" / "encoding"
+    source = "" if where == ours else f"; WARNING: sparsec.encoding imported from {where}"
+    return f"{sha}{' + working tree (sparsec/encoding/ modified)' if dirty else ''}{source}"
 
 
 def main() -> int:

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # golden builders: models/
 TOKENS = (1, 128, 2048)
 REPS = 50
 INNER = 20
@@ -108,9 +109,8 @@ def _check_24(w: np.ndarray) -> int:
 
 def prepare(dest: Path, work: Path) -> None:
     """Prune both models with sparsec and pack the 2:4 weights as kept fp16 values + bit masks."""
-    from sparsec.models.minilm import export_minilm
-
     import sparsec
+    from models.minilm import export_minilm
 
     work.mkdir(parents=True, exist_ok=True)
     dest.mkdir(parents=True, exist_ok=True)

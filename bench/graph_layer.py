@@ -6,7 +6,7 @@ measures, on the 160M-parameter external-data transformer of compile_speed.py an
 resource.getrusage of that process; peak anonymous memory sampled from /proc/self/statm every
 5 ms, since onnx-ir memory-maps the weights and mapped file pages count in RSS):
 
-  sparsec            sparsec.graph.load_model + save_model(external=True)
+  sparsec            sparsec.core.graph.load_model + save_model(external=True)
   onnx-ir            ir.load + ir.save(external_data=..., max_workers=1, alignment=64)
   onnx-ir threads    the same with one writer thread per usable CPU (None would mean serial)
   sparsec + edit     load, every MatMul weight: np.array(store.read(t)), zero half (2:4 along
@@ -115,7 +115,7 @@ def _half_zero(w):
 def _sparsec(model: Path, out: Path, edit: bool, result: dict) -> None:
     import numpy as np
 
-    from sparsec.graph import load_model, save_model
+    from sparsec.core.graph import load_model, save_model
 
     start = time.perf_counter()
     loaded = load_model(model)
@@ -180,7 +180,7 @@ def worker_main(variant: str, model: Path, out: Path) -> int:
     import onnx  # noqa: F401
     import onnx_ir  # noqa: F401
 
-    import sparsec.graph  # noqa: F401
+    import sparsec.core.graph  # noqa: F401
 
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"variant": variant}

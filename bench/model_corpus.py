@@ -154,7 +154,7 @@ def _token_calib(names: tuple[str, ...], seq: int):
 
     def make(entry: Entry, n: int, seed: int) -> dict[str, np.ndarray]:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from sparsec.models.minilm import tokenizer
+        from models.minilm import tokenizer
 
         texts = [SENTENCES[(seed + i) % len(SENTENCES)] for i in range(n)]
         enc = tokenizer()(texts, padding="max_length", truncation=True, max_length=seq, return_tensors="np")
@@ -311,7 +311,7 @@ def _minilm_module():
     from transformers import AutoModel
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from sparsec.models.minilm import model_dir
+    from models.minilm import model_dir
 
     bert = AutoModel.from_pretrained(str(model_dir())).eval()  # default attention: SDPA
 

@@ -28,6 +28,7 @@ import onnx
 from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # golden builders: models/
 import corpus  # noqa: E402  (bench/corpus.py)
 
 HERE = Path(__file__).resolve().parent
@@ -156,7 +157,7 @@ def _task(name: str, model: Path, feeds: dict[str, np.ndarray], batch: int,
 
 
 def minilm_task(n_calib: int, n_eval: int, batch: int, seed: int) -> tuple[Task, str]:
-    from sparsec.models.minilm import embed, export_minilm, tokenizer
+    from models.minilm import embed, export_minilm, tokenizer
 
     model = export_minilm(WORK / "all-MiniLM-L6-v2.dynamo.onnx")
     sentences = corpus.docstring_sentences()
@@ -184,7 +185,7 @@ def _nearest(emb: np.ndarray) -> np.ndarray:
 
 
 def digits_task(n_calib: int, batch: int, seed: int) -> tuple[Task, str]:
-    from sparsec.models.digits import accuracy, train_digits_cnn
+    from models.digits import accuracy, train_digits_cnn
 
     data = train_digits_cnn(seed, cache_dir=WORK)
     model = WORK / "digits_cnn.onnx"

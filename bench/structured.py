@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from sparsec.models import GOLDEN
-from sparsec.models.digits import accuracy, train_digits_cnn
 
-import sparsec
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # golden builders: models/
+import sparsec  # noqa: E402
+from models import GOLDEN  # noqa: E402
+from models.digits import accuracy, train_digits_cnn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 FRACS = (0.25, 0.5)

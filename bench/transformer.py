@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
+import importlib
 import math
 import os
 import re
@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORK = HERE / "_work"
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))  # sparsec and the golden builders (models/) from THIS checkout
 import corpus  # noqa: E402  (bench/corpus.py)
 
 SHAPES = ((1, 128), (8, 64))  # latency shapes (batch, sequence); the first is the main table's
@@ -39,15 +40,8 @@ CALIB_LEN = 64
 
 
 def _sparsec() -> Any:
-    """sparsec from THIS checkout (package dirs as pyproject maps them), whatever an editable install says."""
-    if "sparsec" not in sys.modules:
-        dirs = [str(ROOT / "sparsec"), str(ROOT)]  # sparsec.passes -> passes/, sparsec.models -> models/ ...
-        spec = importlib.util.spec_from_file_location("sparsec", dirs[0] + "/__init__.py",
-                                                      submodule_search_locations=dirs)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["sparsec"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["sparsec"]
+    """sparsec from THIS checkout (ROOT is first on sys.path), whatever an editable install says."""
+    return importlib.import_module("sparsec")
 
 
 def configs(quick: bool) -> list[tuple[str, dict]]:
@@ -180,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     n_calib, n_eval, runs, warmup = (16, 64, 5, 1) if args.quick else (args.calib_samples, args.eval,
                                                                         max(args.runs, 20), 3)
     started, host = datetime.datetime.now(datetime.timezone.utc), provenance()
-    from sparsec.models.minilm import embed, export_minilm, tokenizer
+    from models.minilm import embed, export_minilm, tokenizer
 
     WORK.mkdir(parents=True, exist_ok=True)
     model = export_minilm(WORK / "all-MiniLM-L6-v2.dynamo.onnx")

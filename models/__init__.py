@@ -54,7 +54,7 @@ GOLDEN: dict[str, Callable[..., onnx.ModelProto]] = {
 
 
 def example_path() -> pathlib.Path:
-    """Path of the bundled ``example.onnx`` (package data next to this module)."""
+    """Path of the bundled ``example.onnx`` (next to this module)."""
     return pathlib.Path(__file__).with_name("example.onnx")
 
 

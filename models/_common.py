@@ -36,7 +36,7 @@ def batchnorm_params(rng: np.random.Generator, prefix: str, c: int) -> list[onnx
     ]
 
 
-def finalize(graph: onnx.GraphProto, producer: str = "sparsec.models") -> onnx.ModelProto:
+def finalize(graph: onnx.GraphProto, producer: str = "sparsec-golden") -> onnx.ModelProto:
     """Wrap a graph into an opset-17 model, infer shapes and run the full checker."""
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name=producer

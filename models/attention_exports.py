@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from sparsec.models._common import name_nodes
+
+from models._common import name_nodes
 
 
 def _export(module: Any, args: tuple, inputs: list[str], outputs: list[str], dynamic: dict[str, dict],

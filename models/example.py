@@ -10,7 +10,7 @@ compiler makes on a typical vision model, in well under 300 KB:
   ``conv1``'s (a residual, so their output channels are coupled),
 * ``gap`` → ``flatten`` → ``fc`` (Gemm transB=1, W[10, 64], K=64 divisible by 8): 2:4-eligible.
 
-Run ``python models/example.py`` to regenerate ``models/example.onnx``.
+Run ``python -m models.example`` from the repository root to regenerate ``models/example.onnx``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import onnx
 from onnx import TensorProto, helper
 
 # Absolute imports so that ``python models/example.py`` works as a plain script too.
-from sparsec.models._common import bias, finalize, weight
-from sparsec.models.cnn import _Builder
+from models._common import bias, finalize, weight
+from models.cnn import _Builder
 
 
 def build_example(seed: int = 0) -> onnx.ModelProto:

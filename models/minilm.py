@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sparsec.models._common import name_nodes
+
+from models._common import name_nodes
 
 EXPORTERS = ("dynamo", "torchscript")
 OPSET = 17

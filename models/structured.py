@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from sparsec.models._common import name_nodes
+
+from models._common import name_nodes
 
 from ._common import IR_VERSION
 
@@ -154,7 +155,7 @@ def export_structured(name: str, seed: int = 0, **kwargs: Any) -> onnx.ModelProt
     _fold_constants(model)
     name_nodes(model)
     model.ir_version = IR_VERSION
-    model.producer_name = "sparsec.models"
+    model.producer_name = "sparsec-golden"
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     onnx.checker.check_model(model, full_check=True)
     return model

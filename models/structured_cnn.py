@@ -1,7 +1,7 @@
 """PyTorch reference modules for the ResNet, MobileNetV3 and C2f structured-pruning golden models.
 
-Imported lazily by :mod:`sparsec.models.structured` (this module imports torch at top level, so
-``import sparsec.models`` stays torch-free). Each module documents the channel structure it
+Imported lazily by :mod:`models.structured` (this module imports torch at top level, so
+``import models`` stays torch-free). Each module documents the channel structure it
 exercises; the ONNX export and the seeded weight randomisation live in ``structured``.
 """
 

@@ -1,6 +1,6 @@
 """PyTorch reference modules for the U-Net, Flatten/Reshape → Gemm MLP and grouped-conv golden models.
 
-Imported lazily by :mod:`sparsec.models.structured` (imports torch at top level).
+Imported lazily by :mod:`models.structured` (imports torch at top level).
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ import warnings
 from typing import Any
 
 import onnx
-from sparsec.models._common import name_nodes
+
+from models._common import name_nodes
 
 MAX_POSITIONS = 128
 

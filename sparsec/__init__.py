@@ -1,8 +1,7 @@
 """sparsec: an ONNX graph compiler for pruning."""
 
-__version__ = "0.1.0"
-
-from sparsec.api import compile, inspect  # noqa: E402
-from sparsec.errors import SparsecError  # noqa: E402
+from sparsec.api import compile, inspect
+from sparsec.errors import SparsecError
+from sparsec.version import __version__
 
 __all__ = ["__version__", "compile", "inspect", "SparsecError"]

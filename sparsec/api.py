@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from sparsec.compiler import compile_model
+from sparsec.core.options import CompileOptions, NMPattern
+from sparsec.core.report import Report
+from sparsec.encoding.blobs import restore
 from sparsec.errors import api_errors
 from sparsec.inspection import InspectReport, inspect_model
-from sparsec.options import CompileOptions, NMPattern
-from sparsec.report import Report
 
 
 @api_errors
@@ -87,8 +88,6 @@ def compile(  # noqa: A001 - the natural name for a compiler's entry point
 @api_errors
 def decode(outdir: str | Path, output: str | Path) -> Path:
     """Rebuild OUTDIR/model.onnx from OUTDIR/skeleton.onnx and OUTDIR/weights.sparsec."""
-    from sparsec.encoding import restore
-
     model = restore(outdir)
     out = Path(output)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -10,9 +10,14 @@ from pathlib import Path
 
 import click
 
-from sparsec import __version__, api
+from sparsec import api
+from sparsec.core.options import parse_shapes
+from sparsec.core.report import summary_table
 from sparsec.errors import CLI_ACTIVE, SparsecError
-from sparsec.options import parse_shapes
+from sparsec.inspection import inspect_table
+from sparsec.runtime.calib_data import parse_ranges
+from sparsec.runtime.engine_report import build_and_record
+from sparsec.version import __version__
 
 
 class UserError(click.ClickException):
@@ -162,9 +167,6 @@ def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: floa
       sparsec compile bert.onnx --sparsity 0.6 --method wanda --owl --calib-random 64 \
           --shape input_ids=1,128 --shape attention_mask=1,128 --calib-range input_ids=0,30522
     """
-    from sparsec.report import summary_table
-    from sparsec.runtime.calib_data import parse_ranges
-
     report = api.compile(
         model, output=output, nm=nm, sparsity=sparsity, method=method, group=group,
         include=include, exclude=exclude, shapes=parse_shapes(shapes), verify=not no_verify,
@@ -198,8 +200,6 @@ def inspect_cmd(model: Path, shapes: tuple[str, ...], as_json: bool) -> None:
       sparsec inspect model.onnx
       sparsec inspect bert.onnx --shape input_ids=1,128 --shape attention_mask=1,128 --json
     """
-    from sparsec.inspection import inspect_table
-
     report = api.inspect(model, shapes=parse_shapes(shapes))
     click.echo(report.to_json() if as_json else inspect_table(report))
 
@@ -237,8 +237,6 @@ def engine_cmd(model: Path, output: Path, shapes: tuple[str, ...], as_json: bool
     Example:
       sparsec engine out/model.onnx -o out/model.engine
     """
-    from sparsec.runtime.engine_report import build_and_record
-
     info = build_and_record(model, output, parse_shapes(shapes))
     click.echo(json.dumps(info, indent=2) if as_json else _engine_summary(info))
 

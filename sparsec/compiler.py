@@ -9,28 +9,44 @@ from pathlib import Path
 
 import onnx
 
-from sparsec import __version__
+from sparsec.channels.fold_bn import FoldBatchNormPass
+from sparsec.channels.prune_channels import PruneChannelsPass
+from sparsec.channels.structured import plan_structured
+from sparsec.channels.structured_report import structured_section, verify_masked
+from sparsec.core.graph import TWO_GB, load_model, save_model
+from sparsec.core.graph_index import GraphIndex
+from sparsec.core.layers import LayerAnalysis, find_layers
+from sparsec.core.macs import all_layer_macs
+from sparsec.core.options import CompileOptions
+from sparsec.core.output import CONTAINER, SKELETON, check_output_dir, staged_dir
+from sparsec.core.pipeline import PassContext, PassResult, Pipeline
+from sparsec.core.report import LayerEntry, Report, totals
+from sparsec.core.shapes import assumed_dims, fixed_input_shapes
+from sparsec.encoding.blobs import encode_weights, to_sparse_initializers, write_outputs
 from sparsec.errors import SparsecError
-from sparsec.graph import TWO_GB, load_model, save_model
-from sparsec.layers import LayerAnalysis, find_layers
-from sparsec.macs import all_layer_macs, fixed_input_shapes
-from sparsec.masks import count_nonzero
-from sparsec.options import CompileOptions
-from sparsec.output import check_output_dir, staged_dir
-from sparsec.passes.calibrate import CalibratePass
-from sparsec.passes.check_pattern import CheckPatternPass
-from sparsec.passes.owl import OwlPass
-from sparsec.passes.precision import PrecisionPass
-from sparsec.passes.prune_weights import PruneWeightsPass
-from sparsec.passes.sparsegpt import SparseGPTPass
-from sparsec.pipeline import PassContext, PassResult, Pipeline
-from sparsec.quant import zero_point
-from sparsec.report import LayerEntry, Report, totals
+from sparsec.runtime.calib_data import check_ranges, input_specs, open_calibration
 from sparsec.runtime.calibrate import CalibrationSettings
-from sparsec.runtime.session import make_session_from_proto
+from sparsec.runtime.observe import layer_shapes
+from sparsec.runtime.precision_pass import PrecisionPass
+from sparsec.runtime.session import make_session, make_session_from_proto, resolve_providers
 from sparsec.runtime.tensorrt import trt_commands
-from sparsec.selection import PruneTarget, depth_levels, nothing_pruned, select_targets
-from sparsec.weights import GraphIndex
+from sparsec.runtime.verify import (
+    calibration_inputs,
+    compare_outputs,
+    random_inputs,
+    run_batches,
+    verify_models,
+)
+from sparsec.transformer.transformer_compile import plan_transformer, transformer_section
+from sparsec.version import __version__
+from sparsec.weights.calibrate_pass import CalibratePass
+from sparsec.weights.check_pattern import CheckPatternPass
+from sparsec.weights.masks import count_nonzero
+from sparsec.weights.owl import OwlPass
+from sparsec.weights.prune_weights import PruneWeightsPass
+from sparsec.weights.quant import zero_point
+from sparsec.weights.selection import PruneTarget, depth_levels, nothing_pruned, select_targets
+from sparsec.weights.sparsegpt_pass import SparseGPTPass
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +59,6 @@ def build_pipeline(options: CompileOptions, targets: list[PruneTarget], model: o
         passes += [PrecisionPass(options.precision)] if options.precision != "fp32" else []
         return Pipeline(passes)
     if plan is not None:
-        from sparsec.passes.fold_bn import FoldBatchNormPass
-        from sparsec.passes.prune_channels import PruneChannelsPass
-
         passes: list = [PruneChannelsPass(plan.analysis, plan.choice.removed,
                                           {} if options.recover else plan.compensation.constants,
                                           plan.recovery)]
@@ -75,8 +88,6 @@ def build_prepasses(options: CompileOptions) -> Pipeline:
     N:M or unstructured pattern is chosen on the weights TensorRT multiplies by (it folds BN too)."""
     if options.structured or not options.folds_bn:
         return Pipeline([])
-    from sparsec.passes.fold_bn import FoldBatchNormPass
-
     return Pipeline([FoldBatchNormPass()])
 
 
@@ -140,24 +151,18 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
     targets, skipped = select_targets(analysis, options)
     nothing = (nothing_pruned(analysis, targets, skipped)
                if options.prunes_weights and not (options.structured or options.transformer) else None)
-    macs = all_layer_macs(model, loaded.store, analysis.layers, fixed)
+    macs = all_layer_macs(model, analysis.layers, layer_shapes(model, loaded.store, analysis.layers, fixed))
     timings["analyze_s"] = time.perf_counter() - start
 
     settings = _calibration(loaded, options, fixed) if options.calibrated and not nothing else None
     if options.calib_range:  # ranges of every random input sparsec draws (verify, oracle, probes)
-        from sparsec.runtime.calib_data import check_ranges, input_specs
-
         check_ranges(input_specs(model), options.calib_range)
     plan = masked = None
     if options.transformer:
-        from sparsec.transformer_compile import plan_transformer
-
         plan = plan_transformer(model, loaded.store, options, fixed, settings)
         masked = plan.masked(model, loaded.store)
         timings["analyze_s"] = time.perf_counter() - start
     elif options.structured:
-        from sparsec.structured import plan_structured
-
         plan = plan_structured(model, loaded.store, options, fixed, settings)
         masked = plan.compensation.masked
         timings["analyze_s"] = time.perf_counter() - start
@@ -172,23 +177,15 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
         nothing = f"nothing pruned: every prunable weight was left dense ({next(iter(left.values()))})"
     report.nothing_pruned = nothing
     if plan is not None:
-        from sparsec.structured_report import structured_section
-
         structured_section(report, ctx, plan.ffn if options.transformer else plan, analysis, macs, fixed)
         if options.transformer:
-            from sparsec.transformer_compile import transformer_section
-
             report.transformer = transformer_section(plan, model, ctx.store, fixed)
     report.nothing_pruned = report.nothing_pruned or _nothing_done(report, options, results)
     blobs = _encode(ctx, options, analysis, results, loaded.external, report)
     with staged_dir(out, options.force, (model_path, *loaded.data_files)) as tmp:
         if blobs:
-            from sparsec.encoding import write_outputs
-
             write_outputs(ctx.model, blobs, tmp)
         if options.sparse_initializers:
-            from sparsec.encoding import to_sparse_initializers
-
             names = {w.weight for r in results for w in r.details.get("weights", [])}
             report.tensorrt["note"] = ("model.onnx holds sparse initializers: "
                                        "TensorRT's parser needs dense ones")
@@ -201,8 +198,6 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
             report.verify = _verify(model_path, tmp / "model.onnx", ctx, fixed, options, settings)
             _check_exact(report.verify, options)
             if masked is not None and "max_abs_diff" in report.verify:
-                from sparsec.structured_report import verify_masked
-
                 report.verify["masked"] = verify_masked(masked, tmp / "model.onnx", fixed, options.seed,
                                                         options.recover, options.calib_range)
             timings["verify_s"] = time.perf_counter() - start
@@ -213,9 +208,6 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
 
 def _calibration(loaded, options: CompileOptions, fixed: dict) -> CalibrationSettings:
     """Open and validate the calibration data against the model's inputs."""
-    from sparsec.runtime.calib_data import input_specs, open_calibration
-    from sparsec.runtime.session import resolve_providers
-
     reader = None if isinstance(options.calib, str | Path | None) else options.calib
     data = open_calibration(
         input_specs(loaded.model), path=None if reader is not None else options.calib, reader=reader,
@@ -241,8 +233,6 @@ def _encode(ctx: PassContext, options: CompileOptions, analysis: LayerAnalysis,
         why = "--sparse-initializers" if options.sparse_initializers else "the model uses external data"
         report.encoding = {"skipped": f"{why}: weights.sparsec is written for self-contained models only"}
         return {}
-    from sparsec.encoding import CONTAINER, SKELETON, encode_weights
-
     pruned = {n for r in results for w in r.details.get("weights", []) for n in w.layers}
     layers = [la for la in analysis.layers if la.name in pruned]
     if not layers:
@@ -265,16 +255,6 @@ def _verify(dense: Path, pruned: Path, ctx: PassContext, fixed: dict, options: C
     """Dense vs final model in onnxruntime on the first calibration samples when there are some, else
     on random inputs (--calib-range, --shape; guessed dims warned about); after a precision change
     also the conversion drift on the same inputs."""
-    from sparsec.macs import assumed_dims
-    from sparsec.runtime.session import make_session
-    from sparsec.runtime.verify import (
-        calibration_inputs,
-        compare_outputs,
-        random_inputs,
-        run_batches,
-        verify_models,
-    )
-
     try:
         final = make_session(pruned)
     except SparsecError as exc:

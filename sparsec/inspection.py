@@ -6,15 +6,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparsec import __version__
-from sparsec.graph import load_model
-from sparsec.layers import find_layers
-from sparsec.macs import all_layer_macs, fixed_input_shapes
-from sparsec.masks import count_nonzero, satisfies_nm
-from sparsec.quant import effective_zero
-from sparsec.report import _count, strict_json
-from sparsec.selection import nm_skip_reason
-from sparsec.weights import GraphIndex, to_effective
+from sparsec.core.graph import load_model
+from sparsec.core.graph_index import GraphIndex, to_effective
+from sparsec.core.layers import find_layers
+from sparsec.core.macs import all_layer_macs
+from sparsec.core.report import _count, strict_json
+from sparsec.core.shapes import fixed_input_shapes
+from sparsec.runtime.observe import layer_shapes
+from sparsec.transformer.attention import find_attention
+from sparsec.version import __version__
+from sparsec.weights.masks import count_nonzero, satisfies_nm
+from sparsec.weights.quant import effective_zero
+from sparsec.weights.selection import nm_skip_reason
 
 PATTERNS = ((2, 4), (4, 8))
 
@@ -56,8 +59,8 @@ def inspect_model(model_path: str | Path, shapes: dict[str, tuple[int, ...]] | N
     loaded = load_model(model_path)
     model = loaded.model
     analysis = find_layers(model)
-    macs = all_layer_macs(model, loaded.store, analysis.layers,
-                          fixed_input_shapes(model, shapes or {}))
+    fixed = fixed_input_shapes(model, shapes or {})
+    macs = all_layer_macs(model, analysis.layers, layer_shapes(model, loaded.store, analysis.layers, fixed))
     index = GraphIndex(model.graph)
     layers = []
     for layer in analysis.layers:
@@ -72,8 +75,6 @@ def inspect_model(model_path: str | Path, shapes: dict[str, tuple[int, ...]] | N
             satisfies={f"{n}:{m}": satisfies_nm(values, n, m, layer.reduction_axis, zero)
                        for n, m in PATTERNS},
         ))
-    from sparsec.attention import find_attention
-
     attention = find_attention(model)
     unique = {e.weight: e for e in layers}
     known = [e.macs for e in layers if e.macs is not None]

@@ -10,6 +10,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 @pytest.fixture(scope="session")
 def transformer_models():
-    from sparsec.models import GOLDEN
+    from models import GOLDEN
 
     return {e: GOLDEN["transformer"](exporter=e) for e in ("torchscript", "dynamo")}

@@ -10,7 +10,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
-from sparsec.models.attention_exports import (
+
+import sparsec
+from models.attention_exports import (
     build_fused_qkv,
     build_hf_bert,
     build_hf_bert_mean_pool,
@@ -18,10 +20,8 @@ from sparsec.models.attention_exports import (
     build_legacy_bert,
     build_opset7_block,
 )
-
-import sparsec
-from sparsec.attention import find_attention
 from sparsec.errors import SparsecError
+from sparsec.transformer.attention import find_attention
 
 TOKENS = {"tokens": (2, 10, 64)}
 IDS = {"input_ids": (2, 12), "attention_mask": (2, 12)}
@@ -151,7 +151,7 @@ def test_tokens_with_in_graph_mean_pooling(tmp_path):
 
 def test_ffn_found_where_shape_inference_gives_no_ranks(tmp_path):
     """Opset 7, Reshape targets through Identity: inference stops, the ranks come from onnxruntime."""
-    from sparsec.macs import infer_dims
+    from sparsec.core.shapes import infer_dims
 
     model = build_opset7_block()
     assert "fc1" not in infer_dims(model, {"x": (2, 10, 32)})  # the failure class: no rank after a Reshape
@@ -175,7 +175,7 @@ def test_tokens_refuse_an_intermediate_hidden_state_output(tmp_path):
 
 @pytest.fixture(scope="module")
 def vit3():
-    from sparsec.models.attention_exports import hf_vit_module
+    from models.attention_exports import hf_vit_module
 
     module = hf_vit_module(layers=3)
     return module, {e: build_hf_vit(exporter=e, layers=3) for e in ("torchscript", "dynamo")}

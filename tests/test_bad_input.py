@@ -24,7 +24,8 @@ from cli_helpers import (
     sha256,
 )
 from onnx import TensorProto, helper, numpy_helper
-from sparsec.models import example_path
+
+from models import example_path
 
 # --------------------------------------------------------------------------- helpers
 

@@ -9,11 +9,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from sparsec.runtime.calib_data import input_specs, open_calibration
 
 import sparsec
+from sparsec.core.shapes import fixed_input_shapes
 from sparsec.errors import SparsecError
-from sparsec.macs import fixed_input_shapes
+from sparsec.runtime.calib_data import input_specs, open_calibration
 
 
 def _identity(shape: list, elem: int = TensorProto.FLOAT) -> onnx.ModelProto:

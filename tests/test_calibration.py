@@ -4,15 +4,15 @@ import numpy as np
 import onnx
 import pytest
 from helpers import initializers, reference_nm_mask, run
-from sparsec.models import GOLDEN
+
+import sparsec
+from models import GOLDEN
+from sparsec.core.layers import find_layers
+from sparsec.core.tensors import TensorStore
 from sparsec.runtime.calib_data import input_specs, open_calibration
 from sparsec.runtime.calibrate import CalibrationSettings, collect_stats
 from sparsec.runtime.instrument import activation_of
-
-import sparsec
-from sparsec.layers import find_layers
-from sparsec.masks import unstructured_mask
-from sparsec.tensors import TensorStore
+from sparsec.weights.masks import unstructured_mask
 
 SHAPES = {"weight_paths": {"x": (2, 8, 32), "ids": (2, 8)}, "cnn": {"image": (1, 3, 32, 32)},
           "gemm_transb": {"x": (4, 64)}, "mlp": {"x": (3, 32)}}

@@ -14,9 +14,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from sparsec.runtime.session import make_session
 
 import sparsec
+from sparsec.runtime.session import make_session
 
 F32 = TensorProto.FLOAT
 
@@ -187,11 +187,10 @@ def _free_spatial(model: onnx.ModelProto) -> onnx.ModelProto:
 def test_padded_border_compensation_is_exact_at_every_size(tmp_path: Path, size: int) -> None:
     """The masked oracle holds to float error at the border too, also at an input size the
     compensation was not computed at (the correction is a Conv over a map of ones)."""
+    from sparsec.channels.structured import plan_structured
+    from sparsec.core.options import CompileOptions
+    from sparsec.core.tensors import TensorStore
     from sparsec.runtime.session import make_session_from_proto
-
-    from sparsec.options import CompileOptions
-    from sparsec.structured import plan_structured
-    from sparsec.tensors import TensorStore
 
     report, out = _compile(padded_consumers(), tmp_path, channels=0.5)
     assert report.channels["removed"] > 0

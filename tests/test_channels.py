@@ -6,15 +6,15 @@ import numpy as np
 import onnx
 import pytest
 from helpers import run
-from sparsec.models import GOLDEN
-from sparsec.passes.prune_channels import PruneChannelsPass
 
 import sparsec
-from sparsec.channels import analyse_channels
-from sparsec.compensation import compute_compensation
-from sparsec.macs import fixed_input_shapes, infer_shapes
-from sparsec.pipeline import PassContext
-from sparsec.tensors import TensorStore
+from models import GOLDEN
+from sparsec.channels.channel_analysis import analyse_channels
+from sparsec.channels.compensation import compute_compensation
+from sparsec.channels.prune_channels import PruneChannelsPass
+from sparsec.core.pipeline import PassContext
+from sparsec.core.shapes import fixed_input_shapes, infer_shapes
+from sparsec.core.tensors import TensorStore
 
 EXACT = ["mlp", "gemm_transb"]  # every consumer is a Gemm/MatMul: compensation is exact
 

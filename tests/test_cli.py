@@ -20,9 +20,9 @@ from cli_helpers import (
     sha256,
 )
 from click.testing import Result
-from sparsec.models import example_path
 
 import sparsec
+from models import example_path
 
 PRUNABLE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 REPORT_KEYS = {"sparsec_version", "input", "options", "layers", "totals", "verify", "skipped"}

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sparsec.runtime import codec
-from sparsec.runtime.codec_bits import pack_bits, pack_rows, unpack_bits, unpack_rows
-from sparsec.runtime.codec_nm import rank_layout
+
+from sparsec.encoding import codec
+from sparsec.encoding.codec_bits import pack_bits, pack_rows, unpack_bits, unpack_rows
+from sparsec.encoding.codec_nm import rank_layout
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "int8": np.int8}
 UNSTRUCTURED = ("dense", "bitmap", "rle", "coo", "csr", "csc")

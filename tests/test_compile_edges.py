@@ -14,9 +14,9 @@ import pytest
 from cli_helpers import assert_one_line_error, compile_cli, invoke
 from helpers import initializers
 from onnx import TensorProto, helper, numpy_helper
-from sparsec.models import GOLDEN
 
 import sparsec
+from models import GOLDEN
 from sparsec.errors import SparsecError
 
 ROOT = Path(__file__).resolve().parents[1]

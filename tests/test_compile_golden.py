@@ -8,10 +8,10 @@ import onnx
 import pytest
 from helpers import graph_lines, initializers, io_shapes, random_feeds, reference_nm_mask, run
 from onnx import numpy_helper
-from sparsec.models import GOLDEN
 
 import sparsec
-from sparsec.masks import satisfies_nm
+from models import GOLDEN
+from sparsec.weights.masks import satisfies_nm
 
 # Independent statement of TensorRT's sparsity axes (node name -> axis of the stored weight).
 EXPECTED_AXES = {

@@ -3,12 +3,12 @@
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from sparsec.models import GOLDEN, example_path
 
 import sparsec
-from sparsec.layers import find_layers
-from sparsec.masks import satisfies_nm
-from sparsec.weights import to_effective
+from models import GOLDEN, example_path
+from sparsec.core.graph_index import to_effective
+from sparsec.core.layers import find_layers
+from sparsec.weights.masks import satisfies_nm
 
 
 def test_fp16_output_keeps_pattern_and_reports_drift(tmp_path):

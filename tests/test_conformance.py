@@ -62,7 +62,7 @@ def test_corpus_slice_has_no_failed_cell(corpus, tmp_path):
     failed = [f"{c.model} × {c.mode}: {c.detail}" for c in cells if c.status == "failed"]
     assert not failed, "\n".join(failed)
     for cell in cells:  # every ok cell carries a verification figure, every refusal a message
-        assert cell.detail, cell
+        assert cell.detail or cell.status == "n/a", cell
 
 
 # ---------------------------------------------------------------- the runner's own judgement, offline

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sparsec.runtime import codec, container
 
+from sparsec.encoding import codec, container
 from sparsec.errors import SparsecError
 
 

@@ -5,11 +5,11 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from helpers import initializers, random_feeds, run
-from sparsec.models import GOLDEN, example_path
-from sparsec.runtime.container import read_manifest
 
 import sparsec
+from models import GOLDEN, example_path
 from sparsec.cli import cli
+from sparsec.encoding.container import read_manifest
 
 
 @pytest.mark.parametrize(("name", "kwargs"), [

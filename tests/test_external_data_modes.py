@@ -7,9 +7,9 @@ import numpy as np
 import onnx
 import pytest
 from helpers import run
-from sparsec.models import GOLDEN
 
 import sparsec
+from models import GOLDEN
 
 SHAPES = {"input_ids": (2, 8), "attention_mask": (2, 8)}
 

@@ -14,11 +14,11 @@ import onnx
 import pytest
 from helpers import random_feeds, run
 from onnx import TensorProto, helper, numpy_helper
-from sparsec.models import GOLDEN
-from sparsec.passes.fold_bn import FoldBatchNormPass
 
-from sparsec.pipeline import PassContext, PassResult
-from sparsec.tensors import TensorStore
+from models import GOLDEN
+from sparsec.channels.fold_bn import FoldBatchNormPass
+from sparsec.core.pipeline import PassContext, PassResult
+from sparsec.core.tensors import TensorStore
 
 Case = tuple[onnx.ModelProto, dict[str, tuple[int, ...]], int, str | None]
 SLOW = ("transformer", "minilm", "bert")  # torch exports: minutes, and no BatchNormalization

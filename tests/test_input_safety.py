@@ -15,8 +15,8 @@ import pytest
 from cli_helpers import assert_failed_cleanly, compile_cli
 from onnx import TensorProto, helper, numpy_helper
 
+from sparsec.core.output import staged_dir
 from sparsec.errors import SparsecError
-from sparsec.output import staged_dir
 
 F32 = TensorProto.FLOAT
 

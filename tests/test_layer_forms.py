@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import sparsec
-from sparsec.layers import find_layers
-from sparsec.masks import satisfies_nm
+from sparsec.core.layers import find_layers
+from sparsec.weights.masks import satisfies_nm
 from tests.cli_helpers import compile_cli
 from tests.helpers import initializers
 

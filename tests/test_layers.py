@@ -1,11 +1,11 @@
 """Layer analysis: which weights are prunable, along which axes, and what is refused."""
 
 import pytest
-from sparsec.models import GOLDEN
 
-from sparsec.layers import find_layers
-from sparsec.options import CompileOptions, NMPattern
-from sparsec.selection import nm_skip_reason, select_targets
+from models import GOLDEN
+from sparsec.core.layers import find_layers
+from sparsec.core.options import CompileOptions, NMPattern
+from sparsec.weights.selection import nm_skip_reason, select_targets
 
 
 def layers_by_name(model):

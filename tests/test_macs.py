@@ -7,9 +7,9 @@ import numpy as np
 import onnx
 import pytest
 from helpers import random_feeds, run
-from sparsec.models import GOLDEN, example_path
 
 import sparsec
+from models import GOLDEN, example_path
 
 
 def test_example_macs_by_hand():

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsec.masks import nm_mask, satisfies_nm, unstructured_mask
+from sparsec.weights.masks import nm_mask, satisfies_nm, unstructured_mask
 
 
 def reference_nm(scores: np.ndarray, n: int, m: int, axis: int) -> np.ndarray:
@@ -113,7 +113,7 @@ def test_unstructured_conv_input_group_spans_kernel_positions():
 @settings(max_examples=80, deadline=None)
 @given(nm_case())
 def test_fused_nm_prune_equals_mask_then_apply(case):
-    from sparsec.masks import apply_mask, count_nonzero, nm_prune
+    from sparsec.weights.masks import apply_mask, count_nonzero, nm_prune
 
     scores, n, m, axis = case
     rng = np.random.default_rng(int(scores.size))

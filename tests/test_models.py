@@ -1,4 +1,4 @@
-"""Tests for the golden model builders in ``sparsec.models``."""
+"""Tests for the golden model builders in ``models``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper
-from sparsec.models import GOLDEN, example_path
-from sparsec.models.example import build_example
+
+from models import GOLDEN, example_path
+from models.example import build_example
 
 HAND_BUILT = ["mlp", "cnn", "gemm_transb", "weight_paths", "example"]
 EXPORTERS = ["dynamo", "torchscript"]
@@ -72,7 +73,7 @@ def test_registry() -> None:
 
 
 def test_import_does_not_need_torch() -> None:
-    code = "import sys, sparsec.models; assert 'torch' not in sys.modules"
+    code = "import sys, models; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -2,10 +2,10 @@
 
 import numpy as np
 import onnx
-from sparsec.models import GOLDEN
-from sparsec.passes.owl import outlier_ratio, owl_sparsities
 
 import sparsec
+from models import GOLDEN
+from sparsec.weights.owl import outlier_ratio, owl_sparsities
 
 
 def test_owl_sparsities_keep_weighted_mean_and_order():

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sparsec.models.digits import accuracy, train_digits_cnn
-from sparsec.models.minilm import embed, export_minilm, tokenizer
 
 import sparsec
+from models.digits import accuracy, train_digits_cnn
+from models.minilm import embed, export_minilm, tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import corpus  # noqa: E402  (bench/corpus.py)

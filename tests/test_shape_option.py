@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from sparsec.core.options import parse_shapes
 from sparsec.errors import SparsecError
-from sparsec.options import parse_shapes
 
 
 def test_both_forms_and_names_with_separators() -> None:

@@ -1,4 +1,4 @@
-"""Tests for the structured-pruning golden models in ``sparsec.models.structured``."""
+"""Tests for the structured-pruning golden models in ``models.structured``."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from onnx import helper, numpy_helper
 pytest.importorskip("torch")
 
 import torch  # noqa: E402
-from sparsec.models import GOLDEN  # noqa: E402
-from sparsec.models.structured import torch_reference  # noqa: E402
+
+from models import GOLDEN  # noqa: E402
+from models.structured import torch_reference  # noqa: E402
 
 #: name -> (BatchNormalization count, op types the model promises)
 EXPECTED: dict[str, tuple[int, set[str]]] = {
@@ -77,7 +78,7 @@ def _producer(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
 
 def test_registry_and_torch_free_import() -> None:
     assert set(EXPECTED) <= set(GOLDEN)
-    code = "import sys, sparsec.models.structured; assert 'torch' not in sys.modules"
+    code = "import sys, models.structured; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

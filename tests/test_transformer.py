@@ -6,8 +6,8 @@ import pytest
 from helpers import run
 
 import sparsec
-from sparsec.attention import find_attention
-from sparsec.transformer_plan import choose_heads, cost_model
+from sparsec.transformer.attention import find_attention
+from sparsec.transformer.transformer_plan import choose_heads, cost_model
 
 SHAPES = {"input_ids": (2, 12), "attention_mask": (2, 12)}
 
@@ -120,7 +120,7 @@ def test_token_keep_one_equals_dense(tmp_path, transformer_models, exporter):
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_token_pruning_keeps_shapes_and_scatters_last_states(tmp_path, transformer_models, exporter):
-    from sparsec.attention import find_attention
+    from sparsec.transformer.attention import find_attention
 
     dense = transformer_models[exporter]
     src = tmp_path / "t.onnx"
@@ -167,7 +167,7 @@ def test_ffn_at_batch_one(tmp_path, transformer_models, exporter):
 
 @pytest.fixture(scope="module")
 def gqa_models():
-    from sparsec.models.gqa import build_gqa
+    from models.gqa import build_gqa
 
     return {e: build_gqa(exporter=e) for e in ("dynamo", "torchscript")}
 

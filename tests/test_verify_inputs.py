@@ -11,9 +11,9 @@ import onnx
 import pytest
 from cli_helpers import compile_cli
 from onnx import TensorProto, helper, numpy_helper
-from sparsec.runtime.verify import degenerate
 
 import sparsec
+from sparsec.runtime.verify import degenerate
 
 
 def _save(model: onnx.ModelProto, path) -> str:
@@ -128,7 +128,7 @@ def test_a_constant_side_output_is_named_but_does_not_void_the_verification(tmp_
     v = report.verify
     assert v["informative"] is True and "reason" not in v
     assert v["uninformative_outputs"] == {"xr": "is all zeros"}
-    from sparsec.report import summary_table
+    from sparsec.core.report import summary_table
 
     text = summary_table(report)
     assert "verify: dense output xr is all zeros on these inputs; not counted in the cosine" in text

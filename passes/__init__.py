@@ -1,1 +1,0 @@
-"""sparsec.passes"""

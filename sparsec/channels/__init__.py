@@ -1,0 +1,1 @@
+"""Structured pruning: channel coupling analysis, selection, compensation and the rewrite."""

@@ -1,0 +1,1 @@
+"""Encoded weight blobs: exact codecs, the container file, and writing/restoring them."""

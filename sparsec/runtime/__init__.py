@@ -1,0 +1,1 @@
+"""onnxruntime sessions, calibration data and statistics, verification, precision, TensorRT."""

@@ -1,0 +1,130 @@
+"""Run the instrumented graph over calibration batches and accumulate statistics in float64."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from sparsec.core.layers import Layer
+from sparsec.core.shapes import fixed_input_shapes, infer_types
+from sparsec.core.tensors import TensorStore
+from sparsec.errors import SparsecError
+from sparsec.runtime.calib_data import CalibrationData
+from sparsec.runtime.instrument import (
+    StatSpec,
+    activation_of,
+    instrumented_graph,
+    plan_patches,
+    plan_stats,
+    subgraph_reads,
+)
+from sparsec.runtime.observe import observe_shapes
+from sparsec.runtime.progress import Progress
+from sparsec.runtime.session import run_checked, session_with_values
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    """What calibration learned about the input of a layer."""
+
+    tensor: str
+    axis: int
+    channels: int
+    sumsq: np.ndarray  # [K] float64: Σ x_j² over every row
+    sums: np.ndarray  # [K] float64: Σ x_j (means for intercepts)
+    rows: int  # how many rows (samples × positions) went in
+    gram: np.ndarray | None  # [K, K] float64: Σ x xᵀ, when asked for
+
+    @property
+    def norm(self) -> np.ndarray:
+        """‖X_j‖₂ per input channel (Wanda's activation term)."""
+        return np.sqrt(self.sumsq)
+
+
+@dataclass(frozen=True)
+class CalibrationStats:
+    layers: dict[str, ActivationStats]
+    samples: int
+    seconds: float
+    unavailable: dict[str, str] = field(default_factory=dict)  # layer -> why it has no stats
+    patches: dict[str, ActivationStats] = field(default_factory=dict)  # k×k Conv -> im2col stats
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    data: CalibrationData
+    batch: int = 8
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    progress: bool | None = None  # None: only on a terminal
+    fixed_shapes: dict = field(default_factory=dict)
+
+
+def collect_stats(model: onnx.ModelProto, store: TensorStore, layers: list[Layer],
+                  settings: CalibrationSettings, gram_for: set[str] = frozenset()) -> CalibrationStats:
+    """Statistics of every layer's input over all calibration samples."""
+    start = time.perf_counter()
+    if not settings.fixed_shapes:  # symbolic dims as 1: ranks then come from inference, not a run
+
+        settings = CalibrationSettings(settings.data, settings.batch, settings.providers,
+                                       settings.progress, fixed_input_shapes(model, {}))
+    types = infer_types(model, settings.fixed_shapes)
+    nodes = model.graph.node
+    ranks = {name: rank for name, (_, rank) in types.items()}
+    specs, by_layer, unknown = plan_stats(layers, nodes, set(gram_for), ranks)
+    if unknown:  # exporters' computed shapes: ask onnxruntime once for the missing ranks
+        wanted = [_activation_name(la, nodes) for la in layers if la.name in unknown]
+        ranks.update({k: len(v) for k, v in
+                      observe_shapes(model, store, settings.fixed_shapes, wanted).items()})
+        specs, by_layer, unknown = plan_stats(layers, nodes, set(gram_for), ranks)
+    patch_specs = plan_patches(layers, nodes, set(gram_for), len(specs))
+    spec_list = list(specs.values()) + list(patch_specs.values())
+    if not spec_list:  # nothing to measure: onnxruntime refuses a graph without outputs
+        return CalibrationStats({}, 0, time.perf_counter() - start,
+                                {name: "the rank of its input is unknown" for name in unknown})
+    graph = instrumented_graph(model, spec_list, ranks, {k: v[0] for k, v in types.items()})
+    used = {i for n in graph.graph.node for i in [*n.input, *subgraph_reads(n)]}  # outer scope too
+    tensors = [t for t in model.graph.initializer if t.name in used]
+    session = session_with_values(graph, tensors, store, list(settings.providers))
+    sums = {o: np.zeros(s.channels) for s in spec_list for o in (s.sumsq_output, s.sum_output)}
+    grams = {s.gram_output: np.zeros((s.channels, s.channels)) for s in spec_list if s.gram_output}
+    rows = {s.size_output: 0 for s in spec_list}
+    names = [o.name for o in graph.graph.output]
+    seen = 0
+    with Progress(settings.data.num_samples, "calibrating", enabled=settings.progress) as bar:
+        for n, feeds in settings.data.sized_batches(settings.batch):
+            outs = dict(zip(names, run_checked(session, names, feeds, "the calibration graph"), strict=True))
+            for spec in spec_list:
+                sums[spec.sumsq_output] += outs[spec.sumsq_output]
+                sums[spec.sum_output] += outs[spec.sum_output]
+                rows[spec.size_output] += int(outs[spec.size_output]) // spec.channels
+                if spec.gram_output:
+                    grams[spec.gram_output] += outs[spec.gram_output]
+            seen += n
+            bar.update(n)
+    if seen == 0:
+        raise SparsecError("calibration data yielded no samples", "check --calib")
+    stats = {key: _stats(s, sums, rows, grams) for key, s in specs.items()}
+    for s in stats.values():
+        if not np.isfinite(s.sumsq).all():
+            raise SparsecError(f"calibration statistics of tensor {s.tensor} are not finite",
+                               "the model overflows on this data; check --calib")
+    return CalibrationStats(
+        layers={name: stats[key] for name, key in by_layer.items()},
+        samples=seen, seconds=time.perf_counter() - start,
+        unavailable={name: "the rank of its input is unknown" for name in unknown},
+        patches={name: _stats(s, sums, rows, grams) for name, s in patch_specs.items()},
+    )
+
+
+def _stats(spec: StatSpec, sums, rows, grams) -> ActivationStats:
+    return ActivationStats(spec.tensor, spec.axis, spec.channels, sums[spec.sumsq_output],
+                           sums[spec.sum_output], rows[spec.size_output], grams.get(spec.gram_output))
+
+
+def _activation_name(layer: Layer, nodes) -> str:
+    node = nodes[layer.node_index]
+    trans = tuple(next((a.i for a in node.attribute if a.name == k), 0) for k in ("transA", "transB"))
+    return activation_of(layer, node, trans)[0]

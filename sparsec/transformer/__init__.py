@@ -1,0 +1,1 @@
+"""Transformer pruning: attention blocks, head and FFN-neuron plans, token pruning."""

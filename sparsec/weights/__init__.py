@@ -1,0 +1,1 @@
+"""Weight pruning: which weights (selection, scores, masks) and the passes that zero them."""
