@@ -61,6 +61,9 @@ MODES: tuple[Mode, ...] = (
     Mode("heads", ("--heads", "0.25"), "heads", transformer_only=True),
     Mode("ffn", ("--ffn", "0.25"), "ffn", transformer_only=True),
     Mode("tokens", ("--tokens", "0.7"), "tokens", transformer_only=True),
+    Mode("channels+nm", ("--channels", "0.3", "--fold-bn", "--nm", "2:4"), "channels"),
+    Mode("heads+ffn+sparsegpt", ("--heads", "0.25", "--ffn", "0.25", "--nm", "2:4", "--method", "sparsegpt"),
+         "heads", calib=True, transformer_only=True),
 )
 BY_NAME = {m.name: m for m in MODES}
 

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from sparsec.compiler import compile_model
-from sparsec.core.options import CompileOptions, NMPattern
 from sparsec.core.report import Report
 from sparsec.encoding.blobs import restore
 from sparsec.errors import api_errors
 from sparsec.inspection import InspectReport, inspect_model
+from sparsec.recipes import STAGE_NAMES, options_doc, options_from
+from sparsec.recipes.recipe_file import read_recipe
 
 
 @api_errors
@@ -18,71 +19,31 @@ def compile(  # noqa: A001 - the natural name for a compiler's entry point
     model: str | Path,
     *,
     output: str | Path | None = None,
-    nm: str | None = None,
-    sparsity: float | None = None,
-    method: str = "magnitude",
-    group: str = "output",
-    include: str | None = None,
-    exclude: str | None = None,
-    shapes: dict[str, tuple[int, ...]] | None = None,
-    verify: bool = True,
-    force: bool = False,
-    seed: int = 0,
-    nm_everywhere: bool = False,
-    min_params: int = 256,
-    precision: str = "fp32",
-    calib: Any = None,
-    calib_random: int | None = None,
-    calib_range: dict[str, tuple[float, float]] | None = None,
-    calib_samples: int | None = None,
-    batch: int = 8,
-    providers: tuple[str, ...] | list[str] = ("cpu",),
-    quiet: bool = True,
-    sequential: bool = False,
-    damp: float = 0.01,
-    block_size: int = 128,
-    owl: bool = False,
-    owl_lambda: float = 0.08,
-    owl_m: float = 5.0,
-    channels: float | None = None,
-    channels_per_layer_max: float = 1.0,
-    channel_score: str = "l1",
-    round_to: int = 1,
-    fold_bn: bool | None = None,
-    recover: bool = False,
-    heads: float | None = None,
-    heads_per_layer: int | None = None,
-    ffn: float | None = None,
-    tokens: float | None = None,
-    tokens_from: int = 1,
-    encode: str = "auto",
-    rle_bits: int = 4,
-    sparse_initializers: bool = False,
+    recipe: str | Path | None = None,
+    **options: Any,
 ) -> Report:
-    """Prune an ONNX model and write OUTDIR/model.onnx and OUTDIR/report.json.
+    """Prune an ONNX model and write OUTDIR/model.onnx, OUTDIR/report.json and OUTDIR/recipe.yaml.
 
-    `calib` is a .npz file, a directory of .npy/.npz files, or a reader object with
-    `get_next()` returning a feed dict or None (onnxruntime's CalibrationDataReader).
+    `recipe` is a recipe file (YAML; every compile writes the one it ran to OUTDIR/recipe.yaml);
+    keyword options override its values. `calib` is a .npz file, a directory of .npy/.npz files, or a
+    reader object with `get_next()` returning a feed dict or None (onnxruntime's CalibrationDataReader).
+    An unknown keyword is a SparsecError naming it.
 
     Example:
         report = sparsec.compile("model.onnx", nm="2:4", output="out/")
-        report = sparsec.compile("bert.onnx", nm="2:4", method="sparsegpt", calib="calib.npz")
+        report = sparsec.compile("bert.onnx", heads=0.25, ffn=0.25, nm="2:4", method="sparsegpt",
+                                 calib="calib.npz")
         print(report.totals["sparsity"], report.verify["max_abs_diff"])
+
+    Keyword options, by recipe stage (stages run in this order):
     """
-    options = CompileOptions(
-        nm=NMPattern.parse(nm) if nm is not None else None,
-        sparsity=sparsity, method=method, group=group, include=include, exclude=exclude,
-        shapes=dict(shapes or {}), verify=verify, force=force, seed=seed,
-        nm_everywhere=nm_everywhere, min_params=min_params, precision=precision,
-        calib=calib, calib_random=calib_random, calib_range=dict(calib_range or {}),
-        calib_samples=calib_samples, batch=batch, providers=tuple(providers), quiet=quiet,
-        sequential=sequential, damp=damp, block_size=block_size, owl=owl, owl_lambda=owl_lambda,
-        owl_m=owl_m, channels=channels, channels_per_layer_max=channels_per_layer_max,
-        channel_score=channel_score, round_to=round_to, fold_bn=fold_bn, recover=recover,
-        heads=heads, heads_per_layer=heads_per_layer, ffn=ffn, tokens=tokens, tokens_from=tokens_from,
-        encode=encode, rle_bits=rle_bits, sparse_initializers=sparse_initializers,
-    )
-    return compile_model(model, options, output)
+    values = read_recipe(recipe, STAGE_NAMES) if recipe is not None else {}
+    values |= options
+    values.setdefault("quiet", True)
+    return compile_model(model, options_from(values), output)
+
+
+compile.__doc__ = (compile.__doc__ or "") + "\n" + options_doc() + "\n"
 
 
 @api_errors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -11,11 +12,11 @@ from pathlib import Path
 import click
 
 from sparsec import api
-from sparsec.core.options import parse_shapes
+from sparsec.core.options import RUN, SETTINGS, declared, parse_shapes
 from sparsec.core.report import summary_table
 from sparsec.errors import CLI_ACTIVE, SparsecError
 from sparsec.inspection import inspect_table
-from sparsec.runtime.calib_data import parse_ranges
+from sparsec.recipes import STAGE_NAMES
 from sparsec.runtime.engine_report import build_and_record
 from sparsec.version import __version__
 
@@ -66,94 +67,102 @@ def cli(verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
-@cli.command("compile")
+def verbosity(own_quiet: bool = False):
+    """-v (log what each pass does, onnxruntime's log lines) and -q (warnings off; compile's own -q
+    also hides the progress bar) on every command as well as on `sparsec` itself."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, verbose: bool = False, quiet_log: bool = False, **kwargs):
+            if verbose or quiet_log:
+                logging.getLogger().setLevel(logging.INFO if verbose else logging.ERROR)
+            return fn(*args, **kwargs)
+
+        wrapper = click.option("-v", "--verbose", is_flag=True, help="Log what each pass does.")(wrapper)
+        if not own_quiet:
+            wrapper = click.option("-q", "--quiet", "quiet_log", is_flag=True, help="Warnings off.")(wrapper)
+        return wrapper
+    return decorate
+
+
+GROUP_TITLES = {
+    "transformer": "Transformer stage (heads, FFN neurons, tokens)",
+    "channels": "Channels stage (structured)",
+    "fold-bn": "BatchNorm folding stage", "weights": "Weights stage (N:M or unstructured sparsity)",
+    "precision": "Precision stage", "encode": "Encode stage (weights.sparsec)",
+    SETTINGS: "Calibration, shapes and verification (shared by every stage)", RUN: "Output and run",
+}
+
+
+class GroupedCommand(click.Command):
+    """--help lists the options by recipe stage, in the order the stages run (as polygraphy groups)."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
+            if record is not None:
+                groups.setdefault(getattr(param, "group", RUN), []).append(record)
+        for name in (*STAGE_NAMES, SETTINGS, RUN):
+            if groups.get(name):
+                with formatter.section(GROUP_TITLES[name]):
+                    formatter.write_dl(groups[name])
+
+
+def _python_type(spec) -> type:
+    text = str(spec.type)
+    return float if text.startswith("float") else int if text.startswith("int") else str
+
+
+def declared_option(spec) -> click.Option:
+    """The click option of one declared CompileOptions field: every value defaults to None, so only
+    what the user typed reaches the API (and overrides a --recipe file)."""
+    meta = spec.metadata
+    flag = meta.get("flag") or "--" + spec.name.replace("_", "-")
+    decls = [*flag.split("/")] if meta.get("kind") != "pair" else [f"{flag}/--no-{flag[2:]}"]
+    default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+    shown = None if default in (None, {}, ()) or meta.get("kind") in ("flag", "negated") else (
+        ",".join(default) if isinstance(default, tuple) else str(default))
+    kind = meta.get("kind", "value")
+    kwargs: dict = {"help": meta["help"] + (f"  [default: {shown}]" if shown else ""), "default": None}
+    if kind in ("flag", "negated"):
+        kwargs |= {"is_flag": True, "flag_value": kind == "flag", "default": None}
+    elif kind == "multi":
+        kwargs |= {"multiple": True, "metavar": meta.get("metavar"), "default": ()}
+    elif kind == "value":
+        choices = meta.get("choices")
+        # choices are shown as [a|b|c] and checked by CompileOptions, whose error is one line naming
+        # the flag and the choices (click's own would print a usage block)
+        kwargs |= {"type": _python_type(spec),
+                   "metavar": f"[{'|'.join(choices)}]" if choices else meta.get("metavar")}
+    option = click.Option([*decls, spec.name], **kwargs)
+    option.group = meta["stage"]
+    return option
+
+
+def declared_options(fn):
+    """Add one click option per declared CompileOptions field (sparsec/core/options.py)."""
+    params = getattr(fn, "__click_params__", [])
+    params.extend(declared_option(spec) for spec in reversed(declared()))
+    fn.__click_params__ = params
+    return fn
+
+
+@cli.command("compile", cls=GroupedCommand)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output directory (default: <model stem>_sparse/ beside the model).")
-@click.option("--nm", help="N:M pattern along the reduction axis, e.g. 2:4 or 4:8.")
-@click.option("--sparsity", type=float, help="Unstructured sparsity in [0, 1).")
-@click.option("--method", default="magnitude", show_default=True,
-              help="Weight score: magnitude, wanda (|W|·‖X‖, needs calibration) or sparsegpt "
-                   "(second order with weight update, needs calibration).")
-@click.option("--group", default="output", show_default=True,
-              type=click.Choice(["output", "layer", "input"]),
-              help="Comparison group for unstructured pruning.")
-@click.option("--include", metavar="REGEX", help="Prune only layers whose node name matches.")
-@click.option("--exclude", metavar="REGEX", help="Leave layers whose node name matches dense.")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME=d0,d1|NAME:d0xd1",
-              help="Fix an input's symbolic dims for verification and MAC counts (repeatable).")
-@click.option("--nm-everywhere", is_flag=True,
-              help="Apply N:M also where TensorRT cannot use it (grouped/depthwise conv, ...).")
-@click.option("--min-params", type=int, default=256, show_default=True,
-              help="Leave layers with fewer weights dense.")
-@click.option("--precision", default="fp32", show_default=True,
-              type=click.Choice(["fp32", "fp16", "bf16"]),
-              help="Convert the output model (TensorRT's sparse kernels need fp16/bf16).")
-@click.option("--calib", metavar="FILE.npz|DIR",
-              help="Calibration data: arrays keyed by input name, axis 0 = samples.")
-@click.option("--calib-random", type=int, metavar="N", help="Draw N calibration samples from the input spec.")
-@click.option("--calib-range", "calib_range", multiple=True, metavar="NAME=lo,hi",
-              help="Value range [lo, hi) of a random input for --calib-random and for verification "
-                   "without --calib, e.g. input_ids=0,30522 (repeatable).")
-@click.option("--calib-samples", type=int, metavar="N", help="Use the first N calibration samples.")
-@click.option("--batch", type=int, default=8, show_default=True, help="Calibration batch size.")
-@click.option("--providers", default="cpu", show_default=True,
-              help="onnxruntime execution providers for calibration, e.g. cuda,cpu.")
-@click.option("--sequential", is_flag=True,
-              help="Calibrate level by level with earlier layers already pruned.")
-@click.option("--damp", type=float, default=0.01, show_default=True,
-              help="SparseGPT damping, as a fraction of the mean Hessian diagonal.")
-@click.option("--block-size", type=int, default=128, show_default=True, help="SparseGPT block size.")
-@click.option("--owl", is_flag=True, help="Outlier-weighed layerwise sparsity (unstructured only).")
-@click.option("--owl-lambda", type=float, default=0.08, show_default=True,
-              help="OWL: layer sparsities stay within S ± lambda.")
-@click.option("--owl-m", type=float, default=5.0, show_default=True,
-              help="OWL: a score above M times its layer's mean is an outlier.")
-@click.option("--channels", type=float, metavar="R",
-              help="Remove this fraction of the prunable channels (structured, global ranking).")
-@click.option("--channels-per-layer-max", type=float, default=1.0, show_default=True,
-              help="At most this fraction of any one layer's channels goes.")
-@click.option("--channel-score", default="l1", show_default=True,
-              help="Channel importance: l1, l2 (filter norms), bn (BatchNorm |gamma|), "
-                   "act (calibrated activation x outgoing weights).")
-@click.option("--round-to", type=int, default=1, show_default=True,
-              help="Kept channel counts stay multiples of K (e.g. 8 for tensor cores).")
-@click.option("--fold-bn/--no-fold-bn", default=None,
-              help="Fold BatchNormalization into the preceding layer (default: on with --channels).")
-@click.option("--recover", is_flag=True,
-              help="Refit consumers on the kept channels by least squares (needs calibration).")
-@click.option("--heads", type=float, metavar="R",
-              help="Remove this fraction of attention heads (global ranking, one kept per layer).")
-@click.option("--heads-per-layer", type=int, metavar="N", help="Keep exactly N heads in every layer.")
-@click.option("--ffn", type=float, metavar="R", help="Remove this fraction of FFN neurons.")
-@click.option("--tokens", type=float, metavar="KEEP",
-              help="Token pruning: later layers keep the top ceil(KEEP*L) tokens plus the first.")
-@click.option("--tokens-from", type=int, default=1, show_default=True, metavar="LAYER",
-              help="Score tokens with this layer's attention (1-based); the layers after it run pruned.")
-@click.option("--encode", default="auto", show_default=True,
-              help="Blob encoding of pruned weights in weights.sparsec: auto (smallest per tensor), "
-                   "none, or one of dense, bitmap, rle, coo, csr, csc, nm_hw, nm_rank.")
-@click.option("--rle-bits", type=int, default=4, show_default=True, help="Run-length field width in bits.")
-@click.option("--sparse-initializers", is_flag=True,
-              help="Store pruned weights as ONNX sparse initializers (COO) in model.onnx.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison with the dense model.")
-@click.option("--force", is_flag=True, help="Overwrite the output directory.")
+@click.option("--recipe", type=click.Path(path_type=Path), metavar="FILE.yaml",
+              help="Run the stages of a recipe file (every compile writes OUTDIR/recipe.yaml); options "
+                   "given here override it.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@declared_options
+@verbosity(own_quiet=True)
 @user_errors
-def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: float | None,
-                method: str, group: str, include: str | None, exclude: str | None,
-                shapes: tuple[str, ...], nm_everywhere: bool, min_params: int, precision: str,
-                calib: str | None, calib_random: int | None, calib_range: tuple[str, ...],
-                calib_samples: int | None, batch: int, providers: str, sequential: bool, damp: float,
-                block_size: int, owl: bool, owl_lambda: float, owl_m: float, channels: float | None,
-                channels_per_layer_max: float, channel_score: str, round_to: int, fold_bn: bool | None,
-                recover: bool, heads: float | None, heads_per_layer: int | None, ffn: float | None,
-                tokens: float | None, tokens_from: int, encode: str, rle_bits: int,
-                sparse_initializers: bool, quiet: bool,
-                no_verify: bool, force: bool, as_json: bool, seed: int) -> None:
-    """Prune MODEL and write OUTDIR/model.onnx and OUTDIR/report.json.
+def compile_cmd(model: Path, output: Path | None, recipe: Path | None, as_json: bool, **values) -> None:
+    """Prune MODEL and write OUTDIR/model.onnx, OUTDIR/report.json and OUTDIR/recipe.yaml.
+
+    Stages run in a fixed order: transformer, channels, fold-bn, weights, precision, encode;
+    any combination works, each stage reading the graph the one before left.
 
     \b
     Examples:
@@ -162,24 +171,15 @@ def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: floa
       sparsec compile model.onnx --sparsity 0.6 --shape input_ids=1,128 --json
       sparsec compile bert.onnx --nm 2:4 --method sparsegpt --calib calib.npz -o out/
       sparsec compile resnet.onnx --channels 0.3 --round-to 8 --channel-score bn -o out/
-      sparsec compile bert.onnx --heads 0.25 --ffn 0.25 --calib calib.npz -o out/
+      sparsec compile resnet.onnx --channels 0.3 --fold-bn --nm 2:4 --precision fp16 -o out/
+      sparsec compile bert.onnx --heads 0.25 --ffn 0.25 --nm 2:4 --method sparsegpt --calib calib.npz
       sparsec compile bert.onnx --tokens 0.7 --tokens-from 2 -o out/
-      sparsec compile bert.onnx --sparsity 0.6 --method wanda --owl --calib-random 64 \
-          --shape input_ids=1,128 --shape attention_mask=1,128 --calib-range input_ids=0,30522
+      sparsec compile model.onnx --recipe out/recipe.yaml -o again/
     """
-    report = api.compile(
-        model, output=output, nm=nm, sparsity=sparsity, method=method, group=group,
-        include=include, exclude=exclude, shapes=parse_shapes(shapes), verify=not no_verify,
-        force=force, seed=seed, nm_everywhere=nm_everywhere, min_params=min_params,
-        precision=precision, calib=calib, calib_random=calib_random,
-        calib_range=parse_ranges(calib_range), calib_samples=calib_samples, batch=batch,
-        providers=tuple(p for p in providers.split(",") if p), quiet=quiet or as_json,
-        sequential=sequential, damp=damp, block_size=block_size, owl=owl, owl_lambda=owl_lambda,
-        owl_m=owl_m, channels=channels, channels_per_layer_max=channels_per_layer_max,
-        channel_score=channel_score, round_to=round_to, fold_bn=fold_bn, recover=recover,
-        heads=heads, heads_per_layer=heads_per_layer, ffn=ffn, tokens=tokens, tokens_from=tokens_from,
-        encode=encode, rle_bits=rle_bits, sparse_initializers=sparse_initializers,
-    )
+    options = {k: v for k, v in values.items() if v is not None and v != () and v is not False
+               or (k in ("verify", "fold_bn") and v is False)}
+    options.setdefault("quiet", as_json)
+    report = api.compile(model, output=output, recipe=recipe, **options)
     click.echo(report.to_json() if as_json else summary_table(report))
     if report.nothing_pruned:
         click.echo(f"sparsec: {report.nothing_pruned}", err=True)
@@ -190,6 +190,7 @@ def compile_cmd(model: Path, output: Path | None, nm: str | None, sparsity: floa
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=d0,d1|NAME:d0xd1",
               help="Fix an input's symbolic dims for MAC counts (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@verbosity()
 @user_errors
 def inspect_cmd(model: Path, shapes: tuple[str, ...], as_json: bool) -> None:
     """List every prunable layer: op, weight, shape, reduction axis, params, MACs, and
@@ -208,6 +209,7 @@ def inspect_cmd(model: Path, shapes: tuple[str, ...], as_json: bool) -> None:
 @click.argument("outdir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Where to write the rebuilt model.")
+@verbosity()
 @user_errors
 def decode_cmd(outdir: Path, output: Path) -> None:
     """Rebuild OUTDIR/model.onnx from OUTDIR/skeleton.onnx and OUTDIR/weights.sparsec.
@@ -226,6 +228,7 @@ def decode_cmd(outdir: Path, output: Path) -> None:
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=d0,d1|NAME:d0xd1",
               help="Shape of a dynamic input for the optimization profile (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print what TensorRT did as JSON.")
+@verbosity()
 @user_errors
 def engine_cmd(model: Path, output: Path, shapes: tuple[str, ...], as_json: bool) -> None:
     """Build a sparse TensorRT engine from MODEL (needs tensorrt and an NVIDIA GPU).

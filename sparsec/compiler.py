@@ -1,7 +1,9 @@
-"""`sparsec compile`: load, analyse, prune, convert, save, verify, report."""
+"""`sparsec compile`: load, run the recipe's stages in order (sparsec.recipes.ORDER), report, save,
+verify, write."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import asdict
@@ -9,26 +11,23 @@ from pathlib import Path
 
 import onnx
 
-from sparsec.channels.fold_bn import FoldBatchNormPass
-from sparsec.channels.prune_channels import PruneChannelsPass
-from sparsec.channels.structured import plan_structured
-from sparsec.channels.structured_report import structured_section, verify_masked
+from sparsec.channels.structured_report import structured_section
 from sparsec.core.graph import TWO_GB, load_model, save_model
 from sparsec.core.graph_index import GraphIndex
-from sparsec.core.layers import LayerAnalysis, find_layers
-from sparsec.core.macs import all_layer_macs
+from sparsec.core.layers import LayerAnalysis
 from sparsec.core.options import CompileOptions
-from sparsec.core.output import CONTAINER, SKELETON, check_output_dir, staged_dir
-from sparsec.core.pipeline import PassContext, PassResult, Pipeline
+from sparsec.core.output import check_output_dir, staged_dir
+from sparsec.core.pipeline import PassContext, PassResult
 from sparsec.core.report import LayerEntry, Report, totals
 from sparsec.core.shapes import assumed_dims, fixed_input_shapes
-from sparsec.encoding.blobs import encode_weights, to_sparse_initializers, write_outputs
+from sparsec.encoding.blobs import to_sparse_initializers, write_outputs
 from sparsec.errors import SparsecError
-from sparsec.runtime.calib_data import check_ranges, input_specs, open_calibration
+from sparsec.recipes import CompileRun, recipe_of, stages_for
+from sparsec.recipes.recipe_file import write_recipe
+from sparsec.recipes.steps import encode_step
+from sparsec.runtime.calib_data import check_ranges, input_specs
 from sparsec.runtime.calibrate import CalibrationSettings
-from sparsec.runtime.observe import layer_shapes
-from sparsec.runtime.precision_pass import PrecisionPass
-from sparsec.runtime.session import make_session, make_session_from_proto, resolve_providers
+from sparsec.runtime.session import make_session, make_session_from_proto
 from sparsec.runtime.tensorrt import trt_commands
 from sparsec.runtime.verify import (
     calibration_inputs,
@@ -37,93 +36,50 @@ from sparsec.runtime.verify import (
     run_batches,
     verify_models,
 )
-from sparsec.transformer.transformer_compile import plan_transformer, transformer_section
+from sparsec.transformer.transformer_compile import transformer_section
 from sparsec.version import __version__
-from sparsec.weights.calibrate_pass import CalibratePass
-from sparsec.weights.check_pattern import CheckPatternPass
 from sparsec.weights.masks import count_nonzero
-from sparsec.weights.owl import OwlPass
-from sparsec.weights.prune_weights import PruneWeightsPass
 from sparsec.weights.quant import zero_point
-from sparsec.weights.selection import PruneTarget, depth_levels, nothing_pruned, select_targets
-from sparsec.weights.sparsegpt_pass import SparseGPTPass
 
 log = logging.getLogger(__name__)
 
 
-def build_pipeline(options: CompileOptions, targets: list[PruneTarget], model: onnx.ModelProto,
-                   settings: CalibrationSettings | None = None, plan=None) -> Pipeline:
-    """The one place that knows the order of the passes."""
-    if options.transformer:
-        passes = plan.passes()
-        passes += [PrecisionPass(options.precision)] if options.precision != "fp32" else []
-        return Pipeline(passes)
-    if plan is not None:
-        passes: list = [PruneChannelsPass(plan.analysis, plan.choice.removed,
-                                          {} if options.recover else plan.compensation.constants,
-                                          plan.recovery)]
-        passes += [FoldBatchNormPass()] if options.folds_bn else []
-        passes += [PrecisionPass(options.precision)] if options.precision != "fp32" else []
-        return Pipeline(passes)
-    passes = []
-    gram = options.method == "sparsegpt"
-    if options.owl and targets:
-        passes += [CalibratePass(targets, settings), OwlPass(targets, options.sparsity or 0.0,
-                                                             options.owl_lambda, options.owl_m)]
-    levels = (depth_levels(model, targets) if options.sequential else [targets]) if targets else []
-    for level, group in enumerate(levels):
-        if settings is not None and (options.sequential or not options.owl or gram):
-            passes.append(CalibratePass(group, settings, gram=gram,
-                                        level=level if options.sequential else None))
-        passes.append(_prune_pass(options, group))
-    if options.precision != "fp32":
-        passes.append(PrecisionPass(options.precision))
-    if options.nm is not None and options.precision != "fp32":
-        passes.append(CheckPatternPass(targets, options.nm))  # conversion must keep the zeros
-    return Pipeline(passes)
-
-
-def build_prepasses(options: CompileOptions) -> Pipeline:
-    """Passes that run before analysis of a weight-pruning compile: BatchNorm folding, so the
-    N:M or unstructured pattern is chosen on the weights TensorRT multiplies by (it folds BN too)."""
-    if options.structured or not options.folds_bn:
-        return Pipeline([])
-    return Pipeline([FoldBatchNormPass()])
-
-
-def _prune_pass(options: CompileOptions, group: list[PruneTarget]):
-    if options.method == "sparsegpt":
-        return SparseGPTPass(group, nm=options.nm, sparsity=options.sparsity,
-                             block_size=options.block_size, damp=options.damp)
-    return PruneWeightsPass(group, nm=options.nm, sparsity=options.sparsity, group=options.group,
-                            method=options.method)
-
-
-def _nothing_done(report: Report, options: CompileOptions, results: list[PassResult]) -> str | None:
-    """One line when a fold-only, channel or transformer compile changed nothing, with the first
-    reason (the compile still writes the verified, unchanged model: exit 0 is not a silent no-op)."""
+def _nothing_done(run: CompileRun, report: Report, results: list[PassResult]) -> str | None:
+    """One line when the compile changed nothing, with the first reason (it still writes the verified,
+    unchanged model: exit 0 is not a silent no-op); None as soon as any stage changed the model."""
+    options = run.options
+    lines = [step.get("nothing") for step in run.steps]
     if options.transformer and report.transformer:
         blocks = report.transformer.get("blocks") or []
         changed = any(b.get(f"{k}_after") != b.get(f"{k}_before") for b in blocks
                       for k in ("heads", "ffn", "tokens"))
-        if not changed:
-            why = report.transformer.get("unexplained") or ["no attention block or FFN found"] \
-                if not blocks else ["every head, neuron and token was kept"]
-            return f"nothing removed: {why[0] if isinstance(why[0], str) else why[0]}"
-        return None
-    if options.structured and report.channels is not None:
+        if changed:
+            return None
+        why = report.transformer.get("unexplained") or ["no attention block or FFN found"] \
+            if not blocks else ["every head, neuron and token was kept"]
+        lines.insert(0, f"nothing removed: {why[0]}")
+    elif options.channels is not None and report.channels is not None:
         if report.channels.get("removed"):
             return None
         reasons = [r for g in report.channels.get("groups", []) for r in g.get("untouchable", [])]
-        return ("nothing removed: every channel group is kept whole"
-                + (f" ({len(reasons)} reasons, first: {reasons[0]})" if reasons else ""))
-    if options.folds_bn and not options.prunes_weights and not options.structured:
+        lines.insert(0, "nothing removed: every channel group is kept whole"
+                     + (f" ({len(reasons)} reasons, first: {reasons[0]})" if reasons else ""))
+    if options.prunes_weights:
+        left = run.ctx.facts.get("left_dense", {})
+        if run.nothing is None and run.targets and all(t.weight in left for t in run.targets):
+            run.nothing = ("nothing pruned: every prunable weight was left dense "
+                           f"({next(iter(left.values()))})")
+        if run.nothing is None:
+            return None
+        lines.append(run.nothing)
+    elif options.folds_bn:
         fold = next((r for r in results if r.name == "fold-bn"), None)
-        if fold is None or not fold.details.get("folded"):
-            kept = fold.details.get("kept", []) if fold else []
-            return ("nothing folded: " + (f"{len(kept)} BatchNormalization kept, first: {kept[0][0]}: "
-                                          f"{kept[0][1]}" if kept else "the model has no BatchNormalization"))
-    return None
+        if fold is not None and fold.details.get("folded"):
+            return None
+        kept = fold.details.get("kept", []) if fold else []
+        first = f"{len(kept)} BatchNormalization kept, first: {kept[0][0]}: {kept[0][1]}" if kept else ""
+        lines.append("nothing folded: " + (first or "the model has no BatchNormalization"))
+    return next((line for line in lines if line), None)
 
 
 def default_output(model_path: Path) -> Path:
@@ -132,61 +88,67 @@ def default_output(model_path: Path) -> Path:
 
 def compile_model(model_path: str | Path, options: CompileOptions, output: str | Path | None = None
                   ) -> Report:
-    """Prune `model_path` as `options` say and write OUTDIR/model.onnx and report.json."""
+    """Prune `model_path` as `options` say and write OUTDIR/model.onnx, report.json and recipe.yaml:
+    load, run each stage of the recipe in ORDER on the graph the previous one left, report, write."""
     model_path = Path(model_path)
     out = Path(output) if output is not None else default_output(model_path)
     check_output_dir(out, options.force, (model_path,))
-    timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(model_path)
-    timings["load_s"] = time.perf_counter() - start
-    model = loaded.model
-    ctx = PassContext(model, loaded.store)
-
-    start = time.perf_counter()
-    prepared = build_prepasses(options).run(ctx)
-    model = ctx.model
-    fixed = fixed_input_shapes(model, options.shapes)
-    analysis = find_layers(model)
-    targets, skipped = select_targets(analysis, options)
-    nothing = (nothing_pruned(analysis, targets, skipped)
-               if options.prunes_weights and not (options.structured or options.transformer) else None)
-    macs = all_layer_macs(model, analysis.layers, layer_shapes(model, loaded.store, analysis.layers, fixed))
-    timings["analyze_s"] = time.perf_counter() - start
-
-    settings = _calibration(loaded, options, fixed) if options.calibrated and not nothing else None
+    load_s = time.perf_counter() - start
+    ctx = PassContext(loaded.model, loaded.store)
+    run = CompileRun(loaded, options, ctx, fixed_input_shapes(ctx.model, options.shapes))
+    run.timings = {"load_s": load_s, **run.timings}
     if options.calib_range:  # ranges of every random input sparsec draws (verify, oracle, probes)
-        check_ranges(input_specs(model), options.calib_range)
-    plan = masked = None
-    if options.transformer:
-        plan = plan_transformer(model, loaded.store, options, fixed, settings)
-        masked = plan.masked(model, loaded.store)
-        timings["analyze_s"] = time.perf_counter() - start
-    elif options.structured:
-        plan = plan_structured(model, loaded.store, options, fixed, settings)
-        masked = plan.compensation.masked
-        timings["analyze_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    results = prepared + build_pipeline(options, targets, model, settings, plan).run(ctx)
-    timings["prune_s"] = time.perf_counter() - start
+        check_ranges(input_specs(ctx.model), options.calib_range)
+    for stage in stages_for(options):
+        if stage.name == "encode":
+            continue  # reads the report's pruned weights: after the report
+        run.steps.append(stage.step(run))
+    report = _build_report(run, out)
+    if stage_runs(options, "encode"):
+        run.steps.append(encode_step(run))
+        report.encoding = run.encoding
+    report.steps = run.steps
+    report.recipe = recipe_of(options)
+    _write(run, report, model_path, out)
+    return report
 
+
+def stage_runs(options: CompileOptions, name: str) -> bool:
+    return any(s.name == name for s in stages_for(options))
+
+
+def _build_report(run: CompileRun, out: Path) -> Report:
+    """The report of what the stages did: the weight table of the graph the weights stage pruned (or
+    the structural before/after table), the structural and transformer sections."""
+    ctx, options = run.ctx, run.options
+    found = run.weights or (run.structural[2] if run.structural else run.analyse())
     # the report reads final weights before saving moves them into the new data file
-    report = _report(ctx, loaded.path, out, options, analysis, skipped, macs, results)
-    left = ctx.facts.get("left_dense", {})
-    if nothing is None and targets and all(t.weight in left for t in targets):
-        nothing = f"nothing pruned: every prunable weight was left dense ({next(iter(left.values()))})"
-    report.nothing_pruned = nothing
-    if plan is not None:
-        structured_section(report, ctx, plan.ffn if options.transformer else plan, analysis, macs, fixed)
-        if options.transformer:
-            report.transformer = transformer_section(plan, model, ctx.store, fixed)
-    report.nothing_pruned = report.nothing_pruned or _nothing_done(report, options, results)
-    blobs = _encode(ctx, options, analysis, results, loaded.external, report)
+    report = _report(ctx, run.loaded.path, out, options, found.analysis, found.skipped, found.macs,
+                     run.results)
+    if run.structural is not None:
+        name, plan, before, model = run.structural
+        table = copy.copy(report) if run.weights is not None else report
+        structured_section(table, ctx, plan.ffn if name == "transformer" else plan, before.analysis,
+                           before.macs, run.fixed)
+        report.channels = table.channels
+        if table is not report:  # the weights table stays; the structural one goes to its step
+            next(s for s in run.steps if s["name"] == name)["totals"] = table.totals
+        if name == "transformer":
+            report.transformer = transformer_section(plan, model, ctx.store, run.fixed)
+    report.nothing_pruned = _nothing_done(run, report, run.results)
+    return report
+
+
+def _write(run: CompileRun, report: Report, model_path: Path, out: Path) -> None:
+    """Save into a staging directory, verify there, and only then move it into place."""
+    ctx, options, loaded, timings = run.ctx, run.options, run.loaded, run.timings
     with staged_dir(out, options.force, (model_path, *loaded.data_files)) as tmp:
-        if blobs:
-            write_outputs(ctx.model, blobs, tmp)
+        if run.blobs:
+            write_outputs(ctx.model, run.blobs, tmp)
         if options.sparse_initializers:
-            names = {w.weight for r in results for w in r.details.get("weights", [])}
+            names = {w.weight for r in run.results for w in r.details.get("weights", [])}
             report.tensorrt["note"] = ("model.onnx holds sparse initializers: "
                                        "TensorRT's parser needs dense ones")
             report.tensorrt["sparse_initializers"] = to_sparse_initializers(ctx.model, ctx.store, names)
@@ -195,59 +157,15 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
         timings["save_s"] = time.perf_counter() - start
         if options.verify:
             start = time.perf_counter()
-            report.verify = _verify(model_path, tmp / "model.onnx", ctx, fixed, options, settings)
+            report.verify = _verify(model_path, tmp / "model.onnx", ctx, run.fixed, options, run.settings)
             _check_exact(report.verify, options)
-            if masked is not None and "max_abs_diff" in report.verify:
-                report.verify["masked"] = verify_masked(masked, tmp / "model.onnx", fixed, options.seed,
-                                                        options.recover, options.calib_range)
-            timings["verify_s"] = time.perf_counter() - start
-        report.timings = timings
+            if run.masked_oracle is not None and "max_abs_diff" in report.verify:
+                report.verify["masked"] = run.masked_oracle
+            timings["verify_s"] = timings.get("verify_s", 0.0) + time.perf_counter() - start
+        report.timings = {k: timings[k] for k in ("load_s", "analyze_s", "prune_s", "save_s", "verify_s")
+                          if k in timings}
         (tmp / "report.json").write_text(report.to_json())
-    return report
-
-
-def _calibration(loaded, options: CompileOptions, fixed: dict) -> CalibrationSettings:
-    """Open and validate the calibration data against the model's inputs."""
-    reader = None if isinstance(options.calib, str | Path | None) else options.calib
-    data = open_calibration(
-        input_specs(loaded.model), path=None if reader is not None else options.calib, reader=reader,
-        random_samples=options.calib_random, ranges=options.calib_range, shapes=options.shapes,
-        samples=options.calib_samples, seed=options.seed)
-    return CalibrationSettings(data=data, batch=options.batch,
-                               providers=tuple(resolve_providers(options.providers)),
-                               progress=False if options.quiet else None, fixed_shapes=fixed)
-
-
-def _encode(ctx: PassContext, options: CompileOptions, analysis: LayerAnalysis,
-            results: list[PassResult], external: bool, report: Report) -> dict:
-    """Encode every pruned weight (weight-pruning compiles); the report lists every candidate."""
-    if options.structured:
-        return {}
-    if not options.prunes_weights:
-        report.encoding = {"skipped": "no weight was pruned (--fold-bn only)"}
-        return {}
-    if options.encode == "none":
-        report.encoding = {"skipped": "--encode none"}
-        return {}
-    if options.sparse_initializers or external or ctx.model.ByteSize() >= TWO_GB:
-        why = "--sparse-initializers" if options.sparse_initializers else "the model uses external data"
-        report.encoding = {"skipped": f"{why}: weights.sparsec is written for self-contained models only"}
-        return {}
-    pruned = {n for r in results for w in r.details.get("weights", []) for n in w.layers}
-    layers = [la for la in analysis.layers if la.name in pruned]
-    if not layers:
-        report.encoding = {"skipped": "no weight was pruned: weights.sparsec and skeleton.onnx are "
-                                      "not written"}
-        return {}
-    blobs, rows = encode_weights(ctx.model, ctx.store, layers, options.nm, options.encode, options.rle_bits)
-    formats: dict[str, int] = {}
-    for row in rows:
-        formats[row["format"]] = formats.get(row["format"], 0) + 1
-    report.encoding = {"container": CONTAINER, "skeleton": SKELETON, "tensors": rows,
-                       "totals": {"tensors": len(rows), "formats": formats,
-                                  "dense_bytes": sum(r["dense_bytes"] for r in rows),
-                                  "encoded_bytes": sum(r["bytes"] for r in rows)}}
-    return blobs
+        write_recipe(report.recipe, tmp / "recipe.yaml")
 
 
 def _verify(dense: Path, pruned: Path, ctx: PassContext, fixed: dict, options: CompileOptions,

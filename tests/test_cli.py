@@ -118,8 +118,8 @@ def test_compile_default_output_dir_beside_input(example: Path):
     result = compile_cli(example, "--nm", "2:4")
     assert_ok(result)
     out = example.with_name("example_sparse")
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json", "skeleton.onnx",
-                                                      "weights.sparsec"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "recipe.yaml", "report.json",
+                                                      "skeleton.onnx", "weights.sparsec"]
     onnx.checker.check_model(onnx.load(str(out / "model.onnx")))
     report = json.loads((out / "report.json").read_text())
     assert Path(report["output"]).resolve() == out.resolve()
@@ -193,8 +193,8 @@ def test_force_overwrites_existing_outdir(example: Path, tmp_path: Path):
     (out / "model.onnx.data").write_text("old")
     result = compile_cli(example, "--nm", "2:4", "-o", out, "--force")
     assert_ok(result)
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json", "skeleton.onnx",
-                                                      "weights.sparsec"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "recipe.yaml", "report.json",
+                                                      "skeleton.onnx", "weights.sparsec"]
     assert json.loads((out / "report.json").read_text())["options"]["nm"] == "2:4"
     assert leftovers(out) == []
 

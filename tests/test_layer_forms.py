@@ -120,7 +120,7 @@ def test_nothing_to_prune_is_one_line_and_the_report_matches_the_files(tmp_path,
     assert report["nothing_pruned"] == f"nothing pruned: {why}"
     assert report["passes"] == []  # no calibration ran
     assert "skipped" in report["encoding"]
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "recipe.yaml", "report.json"]
 
 
 def test_integer_ops_are_listed_as_skipped():

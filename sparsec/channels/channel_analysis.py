@@ -1,6 +1,6 @@
 """Channel dependency analysis: which channels must be removed together, and where they go.
 
-Every prunable producer (Conv, ConvTranspose, Gemm, MatMul with a constant weight) creates
+Every prunable producer (a weight op of `core.op_table` with its own constant weight) creates
 one *element* per output channel. Each tensor's channel axis is a list of elements (its
 layout): elementwise ops pass layouts through, Concat joins them, Split and Slice cut them,
 Flatten repeats each element H·W times, and an elementwise op over two activations unites
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from sparsec.channels.channel_rules import RULES, unknown_op
+from sparsec.channels.channel_rules import rule_for
 from sparsec.channels.channel_state import ChannelAnalysis, State
 from sparsec.core.tensors import TensorStore
 
@@ -33,7 +33,7 @@ def analyse_channels(model: onnx.ModelProto, shapes: dict[str, tuple],
     """
     state = State(model, shapes, ranks, store, dims)
     for i, node in enumerate(model.graph.node):
-        RULES.get(node.op_type, unknown_op)(state, i, node)
+        rule_for(node.op_type)(state, i, node)
     for out in model.graph.output:
         if out.name in state.layouts:
             state.block(state.layouts[out.name].elems, f"reaches graph output {out.name}")

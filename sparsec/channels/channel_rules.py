@@ -1,8 +1,9 @@
 """What each op does to the channel axis: one explicit table, one function per kind of op.
 
-A rule reads its inputs' layouts, records the edits removal needs (`Action`s), writes its
-outputs' layouts, and blocks what it cannot follow. An op missing from the table blocks every
-channel it touches (`unknown_op`).
+A rule reads its inputs' layouts, records the edits removal needs (typed `Edit`s), writes its
+outputs' layouts, and blocks what it cannot follow. Weight-bearing ops (Conv, Gemm, MatMul, ...)
+share one rule that reads their axes from `core.op_table.WEIGHT_OPS`; the pass-through and
+coupling ops are in `RULES` here. An op in neither blocks every channel it touches (`unknown_op`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,22 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
-from sparsec.channels.channel_state import Action, Layout, State
+from sparsec.channels.channel_state import (
+    ConsumerCut,
+    DepthwiseCut,
+    Layout,
+    ParamCut,
+    ProducerCut,
+    ReshapeCut,
+    SliceCut,
+    SplitCut,
+    State,
+)
 from sparsec.core.graph_index import _attr
-from sparsec.core.layers import node_display_name
+from sparsec.core.op_table import Registry, weight_op
 
 Rule = Callable[[State, int, onnx.NodeProto], None]
-RULES: dict[str, Rule] = {}
+RULES: Registry[Rule] = Registry("channel rule")
 
 UNARY = ("Relu", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "LeakyRelu", "Elu", "Selu", "Celu",
          "Softplus", "Softsign", "Gelu", "Erf", "Identity", "Dropout", "Clip", "Cast", "Neg", "Abs",
@@ -27,15 +38,23 @@ POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool
 
 
 def register(op_types: tuple[str, ...] | str, rule: Rule) -> None:
-    """Add a rule; a second rule for the same op is a bug, not an override."""
+    """Add a rule; a second rule for the same op (or a rule for a weight op) is a bug, not an override."""
     for op in (op_types,) if isinstance(op_types, str) else op_types:
-        if op in RULES:
-            raise ValueError(f"a channel rule for {op} is already registered")
-        RULES[op] = rule
+        if weight_op(op) is not None:
+            raise ValueError(f"{op} is a weight op: its channels come from core.op_table.WEIGHT_OPS")
+    RULES.register(op_types, rule)
+
+
+def rule_for(op_type: str) -> Rule:
+    """The rule of an op: its own, the weight rule for a weight op of the op table, else unknown_op."""
+    rule = RULES.get(op_type)
+    if rule is not None:
+        return rule
+    return weight_layer if weight_op(op_type) is not None else unknown_op
 
 
 def _name(state: State, i: int) -> str:
-    return node_display_name(state.model.graph.node[i], i)
+    return state.ids[i]
 
 
 def unknown_op(state: State, i: int, node: onnx.NodeProto) -> None:
@@ -59,72 +78,58 @@ def _own_weight(state: State, name: str) -> np.ndarray | None:
     return state.store.read(state.index.constant(src))
 
 
-def conv(state: State, i: int, node: onnx.NodeProto) -> None:
-    w = _own_weight(state, node.input[1])
-    x = state.layouts.get(node.input[0])
-    group = int(_attr(node, "group") or 1)
-    transpose = node.op_type == "ConvTranspose"
-    if w is None:
-        if x is not None:
-            state.block(x.elems, f"{_name(state, i)} has a shared or computed weight")
+def _block_inputs(state: State, node: onnx.NodeProto, reason: str) -> None:
+    for name in node.input:
+        if name in state.layouts:
+            state.block(state.layouts[name].elems, reason)
+
+
+def weight_layer(state: State, i: int, node: onnx.NodeProto) -> None:
+    """A weight op of the op table with its own constant weight on its preferred input: it reads
+    channels along the weight's reduction axis (a ConsumerCut) and makes new ones along its output
+    axis (a ProducerCut); a depthwise Conv passes its input channels through (a DepthwiseCut)."""
+    spec = weight_op(node.op_type)
+    assert spec is not None and spec.axes is not None
+    k = spec.weight_input
+    axes = spec.axes(node, k)
+    w = _own_weight(state, node.input[k]) if k < len(node.input) else None
+    if w is None or (w.ndim < 3 if spec.kernel else w.ndim != 2):
+        other = [j for j in spec.inputs[1:]
+                 if j < len(node.input) and state.constant(node.input[j]) is not None]
+        why = (f"reads channels with a constant {spec.input_name(other[0])}" if other and w is None else
+               f"has a shared, computed or rank-{w.ndim if w is not None else '?'} weight "
+               f"{spec.input_name(k)}")
+        _block_inputs(state, node, f"{_name(state, i)}: {node.op_type} {why}")
         return
-    if x is not None and x.axis != 1:
-        state.block(x.elems, f"{_name(state, i)} reads channels on axis {x.axis}")
-    elif x is not None and group == 1:
-        detail = {"input": 1, "axis": 0 if transpose else 1}
-        state.actions.append(Action("consumer", i, tuple(x.elems), detail))
-    elif x is not None and not transpose and w.shape[1] == 1 and group == len(x.elems):
-        mult = w.shape[0] // group
+    data = next(n for j, n in enumerate(node.input) if j != k)  # the activation
+    rank = len(w.shape) if spec.kernel else state.rank(data) or state.rank(node.output[0])
+    if rank is None:
+        _block_inputs(state, node, f"{_name(state, i)}: rank of {data} is unknown")
+        return
+    for j, name in enumerate(node.input):  # channels on the bias or any other input: not followed
+        if name in state.layouts and name != data:
+            state.block(state.layouts[name].elems, f"{_name(state, i)}: channels arrive on input {j}")
+    x = state.layouts.get(data)
+    in_axis, out_axis = axes.data_axis % rank, axes.out_axis % rank
+    if x is not None and (x.axis != in_axis or in_axis != out_axis):
+        state.block(x.elems, f"{_name(state, i)}: {node.op_type} reads channels on axis {x.axis}, "
+                             f"not on axis {out_axis} where it writes them")
+    elif x is not None and axes.groups == 1:
+        state.actions.append(ConsumerCut(_name(state, i), tuple(x.elems), k, axes.reduction))
+    elif x is not None and axes.output == 0 and w.shape[axes.reduction] == 1 and axes.groups == len(x.elems):
+        mult = w.shape[axes.output] // axes.groups
         out = np.repeat(x.elems, mult)
-        state.actions.append(Action("depthwise", i, tuple(out), {"mult": mult}))
-        _set(state, node.output[0], 1, x.rank, out)
+        state.actions.append(DepthwiseCut(_name(state, i), tuple(out), mult))
+        _set(state, node.output[0], out_axis, x.rank, out)
         return
     elif x is not None:
-        state.block(x.elems, f"grouped {_name(state, i)} (group={group}) would need whole groups")
+        state.block(x.elems, f"grouped {_name(state, i)} (group={axes.groups}) would need whole groups")
         return
-    if group != 1:
+    if axes.groups != 1:
         return
-    out_axis = 1 if transpose else 0
-    elems = state.new_elements(i, node.op_type, w.shape[out_axis])
-    state.actions.append(Action("producer", i, tuple(elems), {"input": 1, "axis": out_axis, "bias": 2}))
-    _set(state, node.output[0], 1, len(w.shape), elems)
-
-
-def gemm(state: State, i: int, node: onnx.NodeProto) -> None:
-    w = _own_weight(state, node.input[1])
-    x = state.layouts.get(node.input[0])
-    trans_a, trans_b = int(_attr(node, "transA") or 0), int(_attr(node, "transB") or 0)
-    if w is None or trans_a:
-        for name in node.input:  # channels may arrive on A, on B (a constant A) or on C
-            if name in state.layouts:
-                state.block(state.layouts[name].elems,
-                            f"{_name(state, i)}: Gemm reads channels with a constant A, transA=1 "
-                            "or a weight that is not its own")
-        return
-    if len(node.input) > 2 and node.input[2] in state.layouts:
-        state.block(state.layouts[node.input[2]].elems, f"{_name(state, i)}: channels arrive on C")
-    if x is not None:
-        state.actions.append(Action("consumer", i, tuple(x.elems), {"input": 1, "axis": 1 if trans_b else 0}))
-    elems = state.new_elements(i, "Gemm", w.shape[0 if trans_b else 1])
-    state.actions.append(Action("producer", i, tuple(elems), {"input": 1, "axis": 0 if trans_b else 1,
-                                                               "bias": 2}))
-    _set(state, node.output[0], 1, 2, elems)
-
-
-def matmul(state: State, i: int, node: onnx.NodeProto) -> None:
-    w = _own_weight(state, node.input[1])
-    x = state.layouts.get(node.input[0])
-    rank = state.rank(node.input[0]) or state.rank(node.output[0])
-    if w is None or w.ndim != 2 or rank is None:
-        unknown_op(state, i, node)
-        return
-    if x is not None and x.axis != rank - 1:
-        state.block(x.elems, f"{_name(state, i)} reduces an axis other than the channels")
-    elif x is not None:
-        state.actions.append(Action("consumer", i, tuple(x.elems), {"input": 1, "axis": 0}))
-    elems = state.new_elements(i, "MatMul", w.shape[1])
-    state.actions.append(Action("producer", i, tuple(elems), {"input": 1, "axis": 1}))
-    _set(state, node.output[0], rank - 1, rank, elems)
+    elems = state.new_elements(i, node.op_type, w.shape[axes.output])
+    state.actions.append(ProducerCut(_name(state, i), tuple(elems), k, axes.output, axes.bias))
+    _set(state, node.output[0], out_axis, rank, elems)
 
 
 def norm(state: State, i: int, node: onnx.NodeProto) -> None:
@@ -136,7 +141,7 @@ def norm(state: State, i: int, node: onnx.NodeProto) -> None:
         state.block(x.elems, f"{_name(state, i)} normalises another axis or trains")
         return
     for k in range(1, len(node.input)):
-        state.actions.append(Action("param", i, tuple(x.elems), {"input": k, "axis": 0}))
+        state.actions.append(ParamCut(_name(state, i), tuple(x.elems), k, 0))
     _set(state, node.output[0], 1, x.rank, x.elems)
 
 
@@ -194,7 +199,7 @@ def elementwise(state: State, i: int, node: onnx.NodeProto) -> None:
         if value is None or shape[at] != len(base.elems):
             state.block(everything, f"{_name(state, i)}: input {name} carries channels that stay")
             return
-        state.actions.append(Action("param", i, tuple(base.elems), {"input": k, "axis": at}))
+        state.actions.append(ParamCut(_name(state, i), tuple(base.elems), k, at))
     _set(state, node.output[0], axis, out_rank, base.elems)
 
 
@@ -236,7 +241,7 @@ def split(state: State, i: int, node: onnx.NodeProto) -> None:
     if sizes is None:
         sizes = [len(x.elems) // len(node.output)] * len(node.output)
     bounds = np.cumsum([0, *[int(s) for s in sizes]])
-    state.actions.append(Action("split", i, tuple(x.elems), {"bounds": bounds.tolist()}))
+    state.actions.append(SplitCut(_name(state, i), tuple(x.elems), tuple(int(b) for b in bounds)))
     for out, lo, hi in zip(node.output, bounds[:-1], bounds[1:], strict=True):
         _set(state, out, axis, x.rank, x.elems[lo:hi])
 
@@ -260,7 +265,7 @@ def slice_(state: State, i: int, node: onnx.NodeProto) -> None:
         state.block(x.elems, f"{_name(state, i)} slices channels with a step")
         return
     lo, hi, _ = slice(int(starts[pos]), int(ends[pos])).indices(len(x.elems))
-    state.actions.append(Action("slice", i, tuple(x.elems), {"start": lo, "end": hi, "pos": pos}))
+    state.actions.append(SliceCut(_name(state, i), tuple(x.elems), lo, hi, pos))
     _set(state, node.output[0], x.axis, x.rank, x.elems[lo:hi])
 
 
@@ -292,7 +297,7 @@ def reshape(state: State, i: int, node: onnx.NodeProto) -> None:
         return
     hw = int(np.prod(shape[2:], dtype=np.int64))
     elems = np.repeat(x.elems, hw)
-    state.actions.append(Action("reshape", i, tuple(elems), {"entry": 1}))
+    state.actions.append(ReshapeCut(_name(state, i), tuple(elems), 1, 1))
     _set(state, node.output[0], 1, 2, elems)
 
 
@@ -321,7 +326,7 @@ def resize(state: State, i: int, node: onnx.NodeProto) -> None:
         return
     sizes = state.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
     if sizes is not None:
-        state.actions.append(Action("reshape", i, tuple(x.elems), {"entry": x.axis, "input": 3}))
+        state.actions.append(ReshapeCut(_name(state, i), tuple(x.elems), 3, x.axis))
     unary(state, i, node)
 
 
@@ -329,9 +334,6 @@ def shape_only(state: State, i: int, node: onnx.NodeProto) -> None:
     """Shape and Size read only dimensions; the pruned graph reports its own."""
 
 
-register(("Conv", "ConvTranspose"), conv)
-register("Gemm", gemm)
-register("MatMul", matmul)
 register(("BatchNormalization", "InstanceNormalization"), norm)
 register(UNARY, unary)
 register(("Softmax", "LogSoftmax"), softmax)

@@ -12,6 +12,7 @@ import onnx
 
 from sparsec.channels.channel_state import ChannelAnalysis, Source
 from sparsec.core.graph_index import GraphIndex
+from sparsec.core.op_table import weight_axes
 from sparsec.core.tensors import TensorStore
 
 SCORES = ("l1", "l2", "bn", "act")
@@ -148,16 +149,12 @@ def _per_source(members: list[int], src_of: dict[int, Source]) -> dict[str, int]
 
 def _weight(model, store, index, s: Source) -> np.ndarray:
     node = model.graph.node[s.node]
-    return store.read(index.constant(index.resolve(node.input[1])))
+    return store.read(index.constant(index.resolve(node.input[weight_axes(node).input])))
 
 
 def _out_axis(model, s: Source) -> int:
-    node = model.graph.node[s.node]
-    if s.op == "ConvTranspose" or s.op == "MatMul":
-        return 1
-    if s.op == "Gemm":
-        return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
-    return 0
+    """The stored weight's output-channel axis, from the op table (channel sources read it unmoved)."""
+    return weight_axes(model.graph.node[s.node]).output
 
 
 def _bn_scales(model, store, analysis: ChannelAnalysis, index: GraphIndex):

@@ -1,17 +1,17 @@
-"""The channel analysis's data: layouts, actions, sources and the result (frozen), and the mutable State the
-op rules in `channel_rules` write into. Apart from `channel_analysis` so the rules and the driver both
-import it, not each other."""
+"""The channel analysis's data: layouts, typed edits, sources and the result (frozen), and the mutable
+State the op rules in `channel_rules` write into. Apart from `channel_analysis` so the rules and the
+driver both import it, not each other."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from sparsec.core.graph_index import GraphIndex, to_effective
-from sparsec.core.layers import node_display_name
+from sparsec.core.names import node_ids
 from sparsec.core.tensors import TensorStore
 
 
@@ -25,19 +25,77 @@ class Layout:
 
 
 @dataclass(frozen=True)
-class Action:
-    """One edit the rewrite must make when elements of `layout` are removed."""
+class Edit:
+    """One edit the rewrite must make when elements of `layout` are removed.
 
-    kind: str  # producer | consumer | depthwise | param | split | slice | reshape
-    node: int  # node index
+    `node` is the node's id (`core.names.node_ids` of the analysed graph): a name, not a position,
+    so an edit still finds its node after another edit inserted nodes before it."""
+
+    node: str
     layout: tuple[int, ...]  # element per position of the axis being cut
-    detail: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProducerCut(Edit):
+    """Drop output channels: slice the weight's output axis and the bias."""
+
+    input: int
+    axis: int
+    bias: int | None = None
+
+
+@dataclass(frozen=True)
+class ConsumerCut(Edit):
+    """Drop input channels: slice the weight's reduction axis (the removed ones' constant is
+    compensated into the bias, or the weight refit)."""
+
+    input: int
+    axis: int
+
+
+@dataclass(frozen=True)
+class DepthwiseCut(Edit):
+    """A depthwise Conv follows its input channels: slice weight and bias rows, shrink `group`."""
+
+    mult: int  # output channels per group
+
+
+@dataclass(frozen=True)
+class ParamCut(Edit):
+    """Slice a per-channel constant (BatchNorm statistics, a broadcast operand)."""
+
+    input: int
+    axis: int
+
+
+@dataclass(frozen=True)
+class SplitCut(Edit):
+    """Rewrite a Split's sizes to what each output keeps."""
+
+    bounds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SliceCut(Edit):
+    """Move a channel Slice's start and end to the kept positions."""
+
+    start: int
+    end: int
+    pos: int  # position of the channel axis in the Slice's axes
+
+
+@dataclass(frozen=True)
+class ReshapeCut(Edit):
+    """Set one entry of a shape or sizes constant to the kept count."""
+
+    input: int
+    entry: int
 
 
 @dataclass(frozen=True)
 class Source:
-    node: int
-    name: str
+    node: int  # position in the analysed graph (ordering only; edits name nodes by `name`)
+    name: str  # the node's id (`core.names.node_ids`)
     op: str
     first: int  # first element id
     channels: int
@@ -49,7 +107,7 @@ class ChannelAnalysis:
 
     sources: tuple[Source, ...]
     root: np.ndarray  # element id -> class id (a representative element)
-    actions: tuple[Action, ...]
+    actions: tuple[Edit, ...]
     untouchable: dict[int, str]  # class id -> reason
     layouts: dict[str, Layout]
 
@@ -101,21 +159,21 @@ class State:
                  dims: dict[str, tuple[int | None, ...]] | None = None) -> None:
         self.model = model
         self.index = GraphIndex(model.graph)
+        self.ids = node_ids(model.graph)
         self.shapes = shapes
         self.ranks = ranks or {}
         self.dims = dims or {}
         self.store = store if store is not None else TensorStore(Path("."))  # inline values only
         self.parent: list[int] = []
         self.layouts: dict[str, Layout] = {}
-        self.actions: list[Action] = []
+        self.actions: list[Edit] = []
         self.sources: list[Source] = []
         self.blocked: dict[int, str] = {}  # element -> reason (resolved to classes at the end)
 
     def new_elements(self, node: int, op: str, count: int) -> np.ndarray:
         first = len(self.parent)
         self.parent.extend(range(first, first + count))
-        name = node_display_name(self.model.graph.node[node], node)
-        self.sources.append(Source(node, name, op, first, count))
+        self.sources.append(Source(node, self.ids[node], op, first, count))
         return np.arange(first, first + count)
 
     def find(self, e: int) -> int:

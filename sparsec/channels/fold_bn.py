@@ -26,6 +26,7 @@ from onnx import helper, numpy_helper
 
 from sparsec.channels.border_correction import split_border_add
 from sparsec.core.graph_index import GraphIndex, WeightSource, effective_shape, to_effective, to_stored
+from sparsec.core.op_table import WEIGHT_OPS, weight_axes, weight_op
 from sparsec.core.pipeline import PassContext, PassResult
 from sparsec.core.tensors import TensorStore
 
@@ -42,25 +43,20 @@ class Channels:
     groups: int = 1  # ConvTranspose W[C, M/g, k...]: channel g·(M/g)+j is column j of row block g
 
 
-def _matmul(node: onnx.NodeProto, shape: tuple[int, ...], rank: int | None) -> Channels | str:
-    if len(shape) != 2:
-        return f"MatMul weight is rank {len(shape)}, not 2"
-    if rank is None:
-        return "MatMul output rank is unknown (run shape inference first)"
-    if rank != 2:
-        return f"MatMul output is rank {rank}: BatchNormalization's axis 1 is not its feature axis"
-    return Channels(1, shape[1])
-
-
-# Per-op knowledge in one table: where each foldable producer keeps its output channels.
-CHANNELS: dict[str, Callable[[onnx.NodeProto, tuple[int, ...], int | None], Channels | str]] = {
-    "Conv": lambda n, shape, _: Channels(0, shape[0]),  # W[M, C/g, k...]: groups keep axis 0 whole
-    # W[C, M/g, k...]: channel g·(M/g)+j is column j of the g-th block of rows
-    "ConvTranspose": lambda n, shape, _: Channels(1, shape[1] * (g := int(_attr(n, "group", 1))), g),
-    # output [M, N]: N is B's axis 1, or its axis 0 when transB
-    "Gemm": lambda n, shape, _: Channels(0, shape[0]) if _attr(n, "transB", 0) else Channels(1, shape[1]),
-    "MatMul": _matmul,
-}
+def channels_of(node: onnx.NodeProto, shape: tuple[int, ...], rank: int | None) -> Channels | str:
+    """Where `node`'s output channels are in its weight (read from `core.op_table`), or why BatchNorm's
+    channel axis 1 is not them."""
+    spec = weight_op(node.op_type)
+    if spec is None or spec.axes is None:
+        return f"{node.op_type} is not a weight op"
+    axes = spec.axes(node, spec.weight_input)
+    if spec.kernel and len(shape) < 3 or not spec.kernel and len(shape) != 2:
+        return f"{node.op_type} weight is rank {len(shape)}"
+    if axes.out_axis != 1 and (rank is None or axes.out_axis % rank != 1):
+        if rank is None:
+            return f"{node.op_type} output rank is unknown (run shape inference first)"
+        return f"{node.op_type} output is rank {rank}: BatchNormalization's axis 1 is not its feature axis"
+    return Channels(axes.output, shape[axes.output] * axes.out_groups, axes.out_groups)
 
 
 @dataclass(frozen=True)
@@ -84,31 +80,36 @@ def plan_fold(index: GraphIndex, bn: onnx.NodeProto, ranks: dict[str, int]) -> F
     border = split_border_add(index.producer, producer)
     if border is not None:  # layer -> Add(border correction) -> BN: fold into both
         add, producer, side = border
-        kernel = index.resolve(side.input[1])
+        kernel = index.resolve(side.input[weight_axes(side).input])
         if kernel is None or kernel.steps or _shared(index, (producer.output[0], side.output[0])) \
                 or _shared(index, kernel.tensors):
             return f"input {x} comes from a border correction sparsec cannot fold into"
-        border = (add, kernel, CHANNELS[side.op_type](side, effective_shape(kernel), None))
-    if producer is None or producer.op_type not in CHANNELS:
-        return f"input {x} comes from {producer.op_type if producer else 'no node'}, not {'/'.join(CHANNELS)}"
+        side_channels = channels_of(side, effective_shape(kernel), None)
+        if isinstance(side_channels, str):
+            return f"input {x} comes from a border correction sparsec cannot fold into"
+        border = (add, kernel, side_channels)
+    if producer is None or weight_op(producer.op_type) is None:
+        foldable = "/".join(op for op in WEIGHT_OPS if weight_op(op) is not None)
+        return f"input {x} comes from {producer.op_type if producer else 'no node'}, not {foldable}"
+    axes = weight_axes(producer)
     if _shared(index, (x,)):
         return f"{x} has another consumer or is a graph output"
     name = _name(producer)
-    source = index.resolve(producer.input[1]) if len(producer.input) > 1 else None
+    source = index.resolve(producer.input[axes.input]) if len(producer.input) > axes.input else None
     if source is None:
         return f"weight of {name} is not a constant"
     if any(step.op == "Cast" for step in source.steps):
         return f"weight of {name} reaches it through a Cast"
     if _shared(index, source.tensors):
         return f"weight of {name} is shared with another node"
-    channels = CHANNELS[producer.op_type](producer, effective_shape(source),
-                                            ranks.get(x, ranks.get(producer.input[0])))
+    data = next((n for k, n in enumerate(producer.input) if k != axes.input), "")
+    channels = channels_of(producer, effective_shape(source), ranks.get(x, ranks.get(data)))
     if isinstance(channels, str):
         return channels
     count = effective_shape(index.resolve(bn.input[1]))[0]  # type: ignore[arg-type]
     if channels.count != count:
         return f"BatchNormalization has {count} channels, {name} produces {channels.count}"
-    bias = producer.input[2] if producer.op_type != "MatMul" and len(producer.input) > 2 else ""
+    bias = producer.input[axes.bias] if axes.bias is not None and len(producer.input) > axes.bias else ""
     if bias and index.resolve(bias) is None:
         return f"bias {bias} of {name} is not a constant"
     return FoldPlan(bn, producer, source, channels, border)
@@ -182,12 +183,13 @@ def _apply(store: TensorStore, graph: onnx.GraphProto, index: GraphIndex, plans:
         bn, producer = plan.bn, plan.producer
         x, y, name = bn.input[0], bn.output[0], _name(producer)
         bias, dtype = _fold_values(store, index, plan)
-        if producer.op_type == "MatMul":  # no bias input: the BN becomes x + bias, keeping its output name
+        if weight_axes(producer).bias is None:  # no bias input (MatMul): the BN becomes x + bias
             bias_name = _add_initializer(graph, bias.astype(dtype), f"{name}.bias_folded", taken)
             bn.CopyFrom(helper.make_node("Add", [x, bias_name], [y], _unique(f"{name}_bias", taken)))
             continue
-        if len(producer.input) > 2 and producer.input[2]:
-            dead.add(producer.input[2])  # removed only if no longer used
+        k = weight_axes(producer).bias
+        if len(producer.input) > k and producer.input[k]:
+            dead.add(producer.input[k])  # removed only if no longer used
         _set_bias(store, graph, index, producer, bias.astype(dtype), taken)
         (plan.border[0] if plan.border else producer).output[0] = y
         stale.add(x)
@@ -212,9 +214,10 @@ def _fold_values(store: TensorStore, index: GraphIndex, plan: FoldPlan) -> tuple
         k = store.read(k_tensor)
         store.write(k_tensor, _scale(k.astype(np.float64), alpha, channels).astype(k.dtype))
     old: np.ndarray | float = 0.0
-    if producer.op_type != "MatMul" and len(producer.input) > 2 and producer.input[2]:
+    axes = weight_axes(producer)
+    if axes.bias is not None and len(producer.input) > axes.bias and producer.input[axes.bias]:
         # Gemm adds beta·C: beta goes into the new C and the attribute is dropped (default 1)
-        old = _read(store, index, producer.input[2]) * float(_attr(producer, "beta", 1.0))
+        old = _read(store, index, producer.input[axes.bias]) * axes.beta
     return (old - mean) * alpha + beta, stored.dtype
 
 
@@ -230,7 +233,8 @@ def _scale(w: np.ndarray, alpha: np.ndarray, ch: Channels) -> np.ndarray:
 def _set_bias(store: TensorStore, graph: onnx.GraphProto, index: GraphIndex, producer: onnx.NodeProto,
               values: np.ndarray, taken: set[str]) -> None:
     """Write the bias in place when it is ours alone and keeps its shape, else a new initializer."""
-    old = producer.input[2] if len(producer.input) > 2 else ""
+    k = weight_axes(producer).bias
+    old = producer.input[k] if len(producer.input) > k else ""
     source = index.resolve(old) if old else None
     if source and not source.steps and not _shared(index, source.tensors) \
             and source.stored_shape == values.shape:
@@ -238,9 +242,9 @@ def _set_bias(store: TensorStore, graph: onnx.GraphProto, index: GraphIndex, pro
         store.write(tensor, values.astype(helper.tensor_dtype_to_np_dtype(tensor.data_type)))
     else:
         name = _add_initializer(graph, values, f"{_name(producer)}.bias_folded", taken)
-        producer.input.extend([""] * (3 - len(producer.input)))
-        producer.input[2] = name
-    _delete(producer.attribute, lambda _, a: a.name == "beta")
+        producer.input.extend([""] * (k + 1 - len(producer.input)))
+        producer.input[k] = name
+    _delete(producer.attribute, lambda _, a: a.name == "beta")  # Gemm: beta·C is now in C
 
 
 def _remove_dead(graph: onnx.GraphProto, names: set[str]) -> set[str]:

@@ -14,9 +14,20 @@ import onnx
 from onnx import helper, numpy_helper
 
 from sparsec.channels.border_correction import add_border_correction, border_kernel, needs_border_correction
-from sparsec.channels.channel_state import Action, ChannelAnalysis
+from sparsec.channels.channel_state import (
+    ChannelAnalysis,
+    ConsumerCut,
+    DepthwiseCut,
+    Edit,
+    ParamCut,
+    ProducerCut,
+    ReshapeCut,
+    SliceCut,
+    SplitCut,
+)
 from sparsec.core.graph_index import GraphIndex, to_effective
-from sparsec.core.names import FreshNames
+from sparsec.core.names import FreshNames, node_ids
+from sparsec.core.op_table import weight_axes
 from sparsec.core.pipeline import PassContext, PassResult
 
 
@@ -24,8 +35,8 @@ from sparsec.core.pipeline import PassContext, PassResult
 class PruneChannelsPass:
     analysis: ChannelAnalysis
     removed: frozenset[int]
-    compensation: dict[tuple[int, int], float] = field(default_factory=dict)  # (node, pos) -> value
-    recovery: dict[int, dict] = field(default_factory=dict)  # consumer node -> refit weights
+    compensation: dict[tuple[str, int], float] = field(default_factory=dict)  # (node id, pos) -> value
+    recovery: dict[str, dict] = field(default_factory=dict)  # consumer node id -> refit weights
     name: str = "prune-channels"
     requires: frozenset[str] = frozenset()
 
@@ -34,16 +45,16 @@ class PruneChannelsPass:
             return PassResult(self.name, False, {"removed": 0})
         editor = _Editor(ctx)
         editor.out_keep = {a.node: np.array([e not in self.removed for e in a.layout])
-                           for a in self.analysis.actions if a.kind == "producer"}
-        for action in self.analysis.actions:
-            keep = np.array([e not in self.removed for e in action.layout], dtype=bool)
+                           for a in self.analysis.actions if isinstance(a, ProducerCut)}
+        for edit in self.analysis.actions:
+            keep = np.array([e not in self.removed for e in edit.layout], dtype=bool)
             if keep.all():
                 continue
-            if action.kind == "consumer" and action.node in self.recovery:
-                editor.refit(action, self.recovery[action.node])
-            elif action.kind == "consumer":
-                editor.compensate(action, keep, self.compensation)
-            getattr(editor, action.kind)(action, keep)
+            if isinstance(edit, ConsumerCut) and edit.node in self.recovery:
+                editor.refit(edit, self.recovery[edit.node])
+            elif isinstance(edit, ConsumerCut):
+                editor.compensate(edit, keep, self.compensation)
+            editor.apply(edit, keep)
         editor.finish()
         changed = {n for n, lay in self.analysis.layouts.items()
                    if any(e in self.removed for e in lay.elems.tolist())}
@@ -56,15 +67,44 @@ class PruneChannelsPass:
 
 
 class _Editor:
-    """Slices tensors through the store; clones constants that other nodes also read."""
+    """Slices tensors through the store; clones constants that other nodes also read.
+
+    Edits name their node by id (`core.names.node_ids`), resolved once against the graph as the
+    pass finds it; nodes the edits add are inserted after their anchor only at `finish`."""
 
     def __init__(self, ctx: PassContext) -> None:
         self.ctx = ctx
         self.index = GraphIndex(ctx.model.graph)
         self.nodes = ctx.model.graph.node
-        self.inserts: list[tuple[int, onnx.NodeProto]] = []
-        self.out_keep: dict[int, np.ndarray] = {}
+        self.ids = node_ids(ctx.model.graph)
+        self.by_id = dict(zip(self.ids, self.nodes, strict=True))
+        self.inserts: list[tuple[str, onnx.NodeProto]] = []
+        self.out_keep: dict[str, np.ndarray] = {}
         self.names = FreshNames(ctx.model.graph)
+
+    def node(self, edit: Edit) -> onnx.NodeProto:
+        node = self.by_id.get(edit.node)
+        if node is None:
+            raise ValueError(f"channel edit for node {edit.node}, which the graph no longer has")
+        return node
+
+    def apply(self, edit: Edit, keep: np.ndarray) -> None:
+        """Make one typed edit (an explicit dispatch: a new Edit type must be added here)."""
+        match edit:
+            case ProducerCut():
+                self.producer(edit, keep)
+            case ConsumerCut() | ParamCut():
+                self._slice(self.node(edit), edit.input, edit.axis, keep)
+            case DepthwiseCut():
+                self.depthwise(edit, keep)
+            case SplitCut():
+                self.split(edit, keep)
+            case SliceCut():
+                self.slice(edit, keep)
+            case ReshapeCut():
+                self.reshape(edit, keep)
+            case _:
+                raise TypeError(f"no rewrite for channel edit {type(edit).__name__}")
 
     def _add_initializer(self, node: onnx.NodeProto, k: int, array: np.ndarray, name: str) -> None:
         """A new constant read by `node` alone, known to the index from now on."""
@@ -112,33 +152,28 @@ class _Editor:
             return  # broadcast dimension: nothing to cut
         self.ctx.store.resize(tensor, np.compress(keep, values, axis=axis))
 
-    def producer(self, a: Action, keep) -> None:
-        node = self.nodes[a.node]
-        self._slice(node, a.detail["input"], a.detail["axis"], keep)
-        b = a.detail.get("bias")
+    def producer(self, a: ProducerCut, keep) -> None:
+        node = self.node(a)
+        self._slice(node, a.input, a.axis, keep)
+        b = a.bias
         if b is not None and len(node.input) > b and node.input[b]:
             bias = self.ctx.store.read(self._tensor(node, b))
             if bias.ndim and bias.shape[-1] == len(keep):
                 self._slice(node, b, bias.ndim - 1, keep)
 
-    def consumer(self, a: Action, keep) -> None:
-        self._slice(self.nodes[a.node], a.detail["input"], a.detail["axis"], keep)
-
-    def depthwise(self, a: Action, keep) -> None:
-        node = self.nodes[a.node]
-        self._slice(node, 1, 0, keep)
-        if len(node.input) > 2 and node.input[2]:
-            self._slice(node, 2, 0, keep)
+    def depthwise(self, a: DepthwiseCut, keep) -> None:
+        node = self.node(a)
+        axes = weight_axes(node)
+        self._slice(node, axes.input, axes.output, keep)
+        if axes.bias is not None and len(node.input) > axes.bias and node.input[axes.bias]:
+            self._slice(node, axes.bias, 0, keep)
         for attr in node.attribute:
             if attr.name == "group":
-                attr.i = int(keep.sum()) // a.detail["mult"]
+                attr.i = int(keep.sum()) // a.mult
 
-    def param(self, a: Action, keep) -> None:
-        self._slice(self.nodes[a.node], a.detail["input"], a.detail["axis"], keep)
-
-    def split(self, a: Action, keep) -> None:
-        node = self.nodes[a.node]
-        b = a.detail["bounds"]
+    def split(self, a: SplitCut, keep) -> None:
+        node = self.node(a)
+        b = a.bounds
         sizes = np.array([int(keep[lo:hi].sum()) for lo, hi in zip(b[:-1], b[1:], strict=True)],
                          dtype=np.int64)
         if len(node.input) > 1 and node.input[1]:
@@ -155,100 +190,89 @@ class _Editor:
                 node.attribute.remove(attr)
         self._add_initializer(node, 1, sizes, f"{node.name or 'split'}__sizes")
 
-    def slice(self, a: Action, keep) -> None:
-        node = self.nodes[a.node]
-        lo, hi, pos = a.detail["start"], a.detail["end"], a.detail["pos"]
-        start = int(keep[:lo].sum())
-        for k, value in ((1, start), (2, start + int(keep[lo:hi].sum()))):
+    def slice(self, a: SliceCut, keep) -> None:
+        node = self.node(a)
+        start = int(keep[:a.start].sum())
+        for k, value in ((1, start), (2, start + int(keep[a.start:a.end].sum()))):
             tensor = self._tensor(node, k)
             values = np.array(self.ctx.store.read(tensor))
-            values[pos] = value
+            values[a.pos] = value
             self.ctx.store.write(tensor, values)
 
-    def reshape(self, a: Action, keep) -> None:
-        node = self.nodes[a.node]
-        k = a.detail.get("input", 1)
-        tensor = self._tensor(node, k)
+    def reshape(self, a: ReshapeCut, keep) -> None:
+        tensor = self._tensor(self.node(a), a.input)
         values = np.array(self.ctx.store.read(tensor))
-        entry = a.detail["entry"]
-        if values[entry] > 0:
-            values[entry] = int(keep.sum())
+        if values[a.entry] > 0:
+            values[a.entry] = int(keep.sum())
             self.ctx.store.write(tensor, values)
 
-    def refit(self, a: Action, plan: dict) -> None:
+    def refit(self, a: ConsumerCut, plan: dict) -> None:
         """Least-squares recovery: the refit dense weight, and the intercept into the bias."""
-        node = self.nodes[a.node]
-        tensor = self._tensor(node, a.detail["input"])
+        node = self.node(a)
+        tensor = self._tensor(node, a.input)
         dtype = self.ctx.store.read(tensor).dtype
         self.ctx.store.write(tensor, plan["weight"].astype(dtype))
         bias = plan["bias_by_position"]
         self._add_bias(a.node, node, bias.reshape(bias.shape[0], -1).sum(1))
 
-    def compensate(self, a: Action, keep, constants: dict[tuple[int, int], float]) -> None:
+    def compensate(self, a: ConsumerCut, keep, constants: dict[tuple[str, int], float]) -> None:
         """Fold Σ_c W[:, c]·a_c of the removed channels into the consumer's bias."""
-        node = self.nodes[a.node]
+        node = self.node(a)
         gone = [int(p) for p in np.flatnonzero(~keep) if (a.node, int(p)) in constants]
         if not gone:
             return
         value = np.array([constants[(a.node, p)] for p in gone])
-        w = np.asarray(self.ctx.store.read(self._tensor(node, a.detail["input"])), dtype=np.float64)
+        stored = self.ctx.store.read(self._tensor(node, a.input))
+        w = np.asarray(stored, dtype=np.float64)
+        axes = weight_axes(node, a.input)
         if needs_border_correction(node, w.shape):  # padded k×k Conv, ConvTranspose: exact map
-            dtype = self.ctx.store.read(self._tensor(node, a.detail["input"])).dtype
-            kernel = border_kernel(node, w, gone, value).astype(dtype)
+            kernel = border_kernel(node, w, gone, value).astype(stored.dtype)
             if a.node in self.out_keep:  # this consumer's own outputs are cut too
-                out_axis = 1 if node.op_type == "ConvTranspose" else 0
-                kernel = np.compress(self.out_keep[a.node], kernel, axis=out_axis)
+                kernel = np.compress(self.out_keep[a.node], kernel, axis=axes.output)
             opset = next((o.version for o in self.ctx.model.opset_import if o.domain in ("", "ai.onnx")), 17)
             for new in add_border_correction(self.ctx.model.graph, node, kernel, self.names, opset):
                 self.inserts.append((a.node, new))
             return
-        if node.op_type == "Conv":  # W[M, C, kh, kw]
-            delta = w[:, gone].reshape(w.shape[0], len(gone), -1).sum(-1) @ value
-        elif node.op_type == "ConvTranspose":  # W[C, M, 1, 1], stride 1: a bias is exact
-            delta = value @ w[gone].reshape(len(gone), w.shape[1], -1).sum(-1)
-        elif a.detail["axis"] == 1:  # Gemm transB: W[N, K]
-            delta = w[:, gone] @ value
-        else:  # W[K, N]
-            delta = value @ w[gone]
-        if node.op_type == "Gemm":
-            alpha = next((at.f for at in node.attribute if at.name == "alpha"), 1.0)
-            beta = next((at.f for at in node.attribute if at.name == "beta"), 1.0)
-            delta = delta * alpha / beta
-        self._add_bias(a.node, node, delta)
+        # Σ over the removed inputs c and every other axis (a 1×1 kernel, ...) of W[c, out, ...]·a_c
+        moved = np.moveaxis(np.take(w, gone, axis=axes.reduction), (axes.reduction, axes.output), (0, 1))
+        delta = value @ moved.reshape(len(gone), moved.shape[1], -1).sum(-1)
+        self._add_bias(a.node, node, delta * axes.alpha / axes.beta)
 
-    def _add_bias(self, position: int, node: onnx.NodeProto, delta: np.ndarray) -> None:
-        k = 2 if node.op_type in ("Conv", "ConvTranspose", "Gemm") else None
+    def _add_bias(self, node_id: str, node: onnx.NodeProto, delta: np.ndarray) -> None:
+        """Add `delta` (one value per output channel) to the node's output: into its bias input when
+        the op table gives it one, else through a new Add after it."""
+        k = weight_axes(node).bias
         if k is not None and len(node.input) > k and node.input[k]:
             tensor = self._tensor(node, k)
             bias = np.array(self.ctx.store.read(tensor))
             self.ctx.store.write(tensor, bias + np.broadcast_to(delta, bias.shape).astype(bias.dtype))
             return
         dtype = onnx.helper.tensor_dtype_to_np_dtype(
-            self.index.constant(self.index.resolve(node.input[1])).data_type)
+            self.index.constant(self.index.resolve(node.input[weight_axes(node).input])).data_type)
         base = f"{node.name or node.op_type}__compensation"
         if k is not None:
             self._add_initializer(node, k, delta.astype(dtype), base)
             return
         name = self.names(base)
         self.ctx.model.graph.initializer.append(numpy_helper.from_array(delta.astype(dtype), name))
-        if position in self.out_keep:  # the new Add sits after this node's own pruned outputs
-            delta = delta[self.out_keep[position]]
+        if node_id in self.out_keep:  # the new Add sits after this node's own pruned outputs
+            delta = delta[self.out_keep[node_id]]
             self.ctx.model.graph.initializer[-1].CopyFrom(numpy_helper.from_array(delta.astype(dtype), name))
         out = node.output[0]  # MatMul: an Add after it, keeping the output name downstream
         node.output[0] = self.names(f"{out}__before_compensation")
-        self.inserts.append((position, helper.make_node(
+        self.inserts.append((node_id, helper.make_node(
             "Add", [node.output[0], name], [out], name=self.names(base))))
 
     def finish(self) -> None:
-        """Insert new nodes after their producers (indices stay valid until now)."""
+        """Insert new nodes after the node they belong to (the graph's node list is stable until now)."""
         if not self.inserts:
             return
-        after: dict[int, list[onnx.NodeProto]] = {}
-        for position, node in self.inserts:
-            after.setdefault(position, []).append(node)
+        after: dict[str, list[onnx.NodeProto]] = {}
+        for node_id, node in self.inserts:
+            after.setdefault(node_id, []).append(node)
         nodes = []
-        for i, node in enumerate(self.nodes):
+        for node_id, node in zip(self.ids, self.nodes, strict=True):
             nodes.append(node)
-            nodes.extend(after.get(i, []))
+            nodes.extend(after.get(node_id, []))
         del self.ctx.model.graph.node[:]
         self.ctx.model.graph.node.extend(nodes)

@@ -12,10 +12,10 @@ import onnx
 
 from sparsec.channels.channel_analysis import analyse_channels
 from sparsec.channels.channel_select import ChannelChoice, choose_channels, filter_scores
-from sparsec.channels.channel_state import ChannelAnalysis
+from sparsec.channels.channel_state import ChannelAnalysis, ConsumerCut
 from sparsec.channels.compensation import Compensation, compute_compensation
 from sparsec.core.graph_index import GraphIndex
-from sparsec.core.layers import find_layers
+from sparsec.core.layers import Layer, find_layers
 from sparsec.core.options import CompileOptions
 from sparsec.core.tensors import TensorStore
 from sparsec.runtime.calibrate import collect_stats
@@ -28,13 +28,13 @@ class StructuredPlan:
     choice: ChannelChoice
     compensation: Compensation
     score_notes: dict[str, str]
-    recovery: dict[int, dict]  # consumer node -> new dense weight (+bias delta) and errors
+    recovery: dict[str, dict]  # consumer node id -> new dense weight (+bias delta) and errors
 
 
-def consumer_layers(model: onnx.ModelProto, analysis: ChannelAnalysis) -> dict[int, object]:
-    """Layer descriptions of the consumers that read removable channels."""
-    nodes = {a.node for a in analysis.actions if a.kind == "consumer"}
-    return {la.node_index: la for la in find_layers(model).layers if la.node_index in nodes}
+def consumer_layers(model: onnx.ModelProto, analysis: ChannelAnalysis) -> dict[str, Layer]:
+    """Layer descriptions of the consumers that read removable channels, by node id."""
+    nodes = {a.node for a in analysis.actions if isinstance(a, ConsumerCut)}
+    return {la.name: la for la in find_layers(model).layers if la.name in nodes}
 
 
 def plan_structured(model: onnx.ModelProto, store: TensorStore, options: CompileOptions,
@@ -61,23 +61,24 @@ def plan_structured(model: onnx.ModelProto, store: TensorStore, options: Compile
     return StructuredPlan(analysis, choice, compensation, notes, recovery)
 
 
-def _act_energy(model, store, analysis: ChannelAnalysis, layers: dict, stats) -> dict[int, float]:
+def _act_energy(model, store, analysis: ChannelAnalysis, layers: dict[str, Layer], stats
+                ) -> dict[int, float]:
     """Σ over consumers of ‖X_c‖² · ‖W[:, c]‖²: how much each channel feeds the next layers."""
     index = GraphIndex(model.graph)
     energy: dict[int, float] = {}
     for a in analysis.actions:
         layer = layers.get(a.node)
-        if a.kind != "consumer" or layer is None or layer.name not in stats.layers:
+        if not isinstance(a, ConsumerCut) or layer is None or layer.name not in stats.layers:
             continue
         w = np.asarray(store.read(index.constant(layer.source)), dtype=np.float64)
-        wnorm = (np.moveaxis(w, a.detail["axis"], 0).reshape(w.shape[a.detail["axis"]], -1) ** 2).sum(1)
+        wnorm = (np.moveaxis(w, a.axis, 0).reshape(w.shape[a.axis], -1) ** 2).sum(1)
         for p, e in enumerate(a.layout):
             energy[e] = energy.get(e, 0.0) + float(stats.layers[layer.name].sumsq[p] * wnorm[p])
     return {e: float(np.sqrt(v)) for e, v in energy.items()}
 
 
 def _recover(model, store, analysis: ChannelAnalysis, layers: dict, choice: ChannelChoice,
-             stats) -> dict[int, dict]:
+             stats) -> dict[str, dict]:
     """Least-squares refit of each consumer on the channels it keeps (ridge, with intercept).
 
     Removed inputs are predicted from kept ones, X_r ≈ X_k·T + t₀, from the calibration
@@ -89,7 +90,7 @@ def _recover(model, store, analysis: ChannelAnalysis, layers: dict, choice: Chan
     out = {}
     for a in analysis.actions:
         layer = layers.get(a.node)
-        if a.kind != "consumer" or layer is None or stats is None or layer.name not in stats.layers:
+        if not isinstance(a, ConsumerCut) or layer is None or stats is None or layer.name not in stats.layers:
             continue
         gone = np.array([e in choice.removed for e in a.layout])
         if not gone.any():
@@ -103,7 +104,7 @@ def _recover(model, store, analysis: ChannelAnalysis, layers: dict, choice: Chan
         g_kr = moment[np.ix_(keep_aug, np.append(gone, False))]
         t = np.linalg.solve(g_kk + ridge * np.eye(len(g_kk)), g_kr)
         w = np.asarray(store.read(index.constant(layer.source)), dtype=np.float64)
-        axis = a.detail["axis"]
+        axis = a.axis
         w_moved = np.moveaxis(w, axis, -1)  # [..., K]
         refit = w_moved.copy()
         mix = w_moved[..., gone] @ t.T  # [..., kept + 1]

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from sparsec.core.graph_index import GraphIndex
-from sparsec.core.layers import Layer, LayerAnalysis, find_layers, node_display_name
+from sparsec.core.layers import Layer, LayerAnalysis, find_layers
 from sparsec.core.macs import all_layer_macs
+from sparsec.core.names import node_ids
 from sparsec.core.pipeline import PassContext
 from sparsec.core.report import LayerEntry, Report, totals
 from sparsec.runtime.observe import layer_shapes
@@ -27,7 +28,7 @@ def structured_section(report: Report, ctx: PassContext, plan, old: LayerAnalysi
         changed = layer.params != params_before
         whole = None if changed else _kept_whole(plan, was.name if was else layer.name)
         weight_bytes[layer.weight] = layer.params * ctx.store.read(index.constant(layer.source)).itemsize
-        recovery = plan.recovery.get(layer.node_index) if plan else None
+        recovery = plan.recovery.get(was.name if was else layer.name) if plan else None
         entries.append(LayerEntry(
             name=layer.name, op=layer.op, weight=layer.weight, shape=list(layer.shape),
             reduction_axis=layer.reduction_axis, pattern="channels" if changed else "dense",
@@ -104,20 +105,20 @@ def _inexact(plan) -> list[str]:
     """Consumers where the removed channels' value is not one constant (padding upstream): their
     compensation is exact only where the value is the constant. Padded k×k Convs and
     ConvTranspose get an exact border correction (sparsec/channels/border_correction.py)."""
-    nodes = plan.compensation.masked.graph.node
     out = []
-    for n, node in enumerate(nodes):  # every consumer whose removed input varies, folded or not
-        name = node.name or str(n)
+    for name in node_ids(plan.compensation.masked.graph):  # every consumer whose removed input varies
         if name in plan.compensation.varying:
-            out.append(f"{node_display_name(nodes[n], n)}: its input is not constant everywhere "
+            out.append(f"{name}: its input is not constant everywhere "
                        f"(padding upstream; largest deviation {plan.compensation.varying[name]:.3g})")
     return out
 
 
 def verify_masked(masked_model, pruned_path, fixed: dict, seed: int, recovered: bool = False,
                   ranges: dict[str, tuple[float, float]] | None = None) -> dict:
-    """The oracle: the smaller model against the dense model with the same filters zeroed."""
-    pruned = make_session(pruned_path)
+    """The oracle: the smaller model (a path, or an in-memory model) against the dense model with the
+    same filters zeroed."""
+    in_memory = hasattr(pruned_path, "graph")
+    pruned = make_session_from_proto(pruned_path) if in_memory else make_session(pruned_path)
     masked = make_session_from_proto(masked_model)
     feeds = random_feeds(pruned, fixed, seed, ranges=ranges)
     names = [o.name for o in pruned.get_outputs()]

@@ -11,13 +11,10 @@ from dataclasses import dataclass
 
 import onnx
 
-from sparsec.core.graph_index import GraphIndex, WeightSource, _attr, effective_shape, stored_axis
+from sparsec.core.graph_index import GraphIndex, WeightSource, effective_shape, stored_axis
+from sparsec.core.names import node_ids
+from sparsec.core.op_table import WEIGHT_OPS, weight_op
 
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-# Ops that multiply integer weights directly: no DequantizeLinear says what "zero" is to them
-# in a form sparsec rewrites, so they are listed as skipped.
-INTEGER_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLSTM",
-               "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 INTEGER_REASON = ("integer op {op}: sparsec prunes float weights and QDQ weights (DequantizeLinear "
                   "before Conv/Gemm/MatMul); prune the float model before quantizing, or quantize "
                   "with QuantFormat.QDQ")
@@ -27,9 +24,9 @@ INTEGER_REASON = ("integer op {op}: sparsec prunes float weights and QDQ weights
 class Layer:
     """One node with a constant weight, described in the weight's own layout."""
 
-    name: str
+    name: str  # the node's id (`core.names.node_ids`): its name, or a unique one for an unnamed node
     op: str
-    node_index: int
+    node_index: int  # position in the analysed graph: valid only for that graph, read it there
     source: WeightSource
     input_index: int
     shape: tuple[int, ...]  # the weight as the node sees it
@@ -80,35 +77,39 @@ def node_display_name(node: onnx.NodeProto, index: int) -> str:
 
 
 def find_layers(model: onnx.ModelProto) -> LayerAnalysis:
-    """Find every Conv/ConvTranspose/Gemm/MatMul whose weight is a constant."""
+    """Find every node of a weight op (`core.op_table.WEIGHT_OPS`) whose weight is a constant."""
     index = GraphIndex(model.graph)
+    ids = node_ids(model.graph)
     found: list[Layer] = []
     skipped: list[Skipped] = []
     for i, node in enumerate(model.graph.node):
         if node.op_type in ("If", "Loop", "Scan"):
-            skipped += _subgraph_layers(node, node_display_name(node, i), set(index.initializers))
-        if node.op_type in INTEGER_OPS:
+            skipped += _subgraph_layers(node, ids[i], set(index.initializers))
+        entry = WEIGHT_OPS.get(node.op_type)
+        if entry is not None and entry.integer:
             weight = next((n for n in node.input[1:] if n in index.initializers), "")
-            skipped.append(Skipped(node_display_name(node, i), node.op_type, weight,
+            skipped.append(Skipped(ids[i], node.op_type, weight,
                                    INTEGER_REASON.format(op=node.op_type), "integer op"))
-        if node.op_type not in WEIGHT_OPS:
+        spec = weight_op(node.op_type)
+        if spec is None:
             continue
-        if node.op_type in ("Conv", "ConvTranspose") and _reads_constant_map(index, node):
-            skipped.append(Skipped(node_display_name(node, i), node.op_type, node.input[1],
+        if spec.kernel and _reads_constant_map(index, node):
+            skipped.append(Skipped(ids[i], node.op_type, node.input[1],
                                    "reads a constant map (a border correction): nothing to prune",
                                    "constant input"))
             continue
-        overridable = [x for x in node.input[:2] if x in index.initializers and x in index.graph_inputs]
+        overridable = [node.input[k] for k in sorted(spec.inputs) if k < len(node.input)
+                       and node.input[k] in index.initializers and node.input[k] in index.graph_inputs]
         if overridable:
-            skipped.append(Skipped(node_display_name(node, i), node.op_type, overridable[0],
+            skipped.append(Skipped(ids[i], node.op_type, overridable[0],
                                    f"weight {overridable[0]} is also a graph input: a caller may feed "
                                    "another value, so its initializer is only a default", "graph input"))
             continue
-        layer, reason = _describe(node, i, index)
+        layer, reason = _describe(node, i, ids[i], index)
         if layer is not None:
             found.append(layer)
         elif reason is not None:
-            skipped.append(Skipped(node_display_name(node, i), node.op_type, "", reason, "not prunable"))
+            skipped.append(Skipped(ids[i], node.op_type, "", reason, "not prunable"))
     layers, shared_skips = _check_sharing(found, index)
     return LayerAnalysis(tuple(layers), tuple(skipped + shared_skips))
 
@@ -129,8 +130,10 @@ def _subgraph_layers(node: onnx.NodeProto, where: str, outer: set[str]) -> list[
             consts |= {n.output[0] for n in body.node if n.op_type == "Constant"}
             for j, inner in enumerate(body.node):
                 name = f"{where}/{node_display_name(inner, j)}"
-                if inner.op_type in WEIGHT_OPS:
-                    weight = next((x for x in inner.input[:2] if x in consts), "")
+                spec = weight_op(inner.op_type)
+                if spec is not None:
+                    weight = next((inner.input[k] for k in sorted(spec.inputs)
+                                   if k < len(inner.input) and inner.input[k] in consts), "")
                     found.append(Skipped(name, inner.op_type, weight, f"inside {node.op_type} {where}'s "
                                          "subgraph: layers in If/Loop/Scan subgraphs stay dense", "subgraph"))
                 if inner.op_type in ("If", "Loop", "Scan"):
@@ -138,43 +141,24 @@ def _subgraph_layers(node: onnx.NodeProto, where: str, outer: set[str]) -> list[
     return found
 
 
-def _describe(node: onnx.NodeProto, i: int, index: GraphIndex):
-    op, name = node.op_type, node_display_name(node, i)
-    if op in ("Conv", "ConvTranspose"):
-        src = index.resolve(node.input[1], quantized=True) if len(node.input) > 1 else None
-        if src is None:
-            return None, "weight is not a constant"
-        shape = effective_shape(src)
-        if len(shape) < 3:
-            return None, f"weight rank {len(shape)} is not a convolution kernel"
-        groups = int(_attr(node, "group") or 1)
-        red, out = (1, 0) if op == "Conv" else (0, 1)
-        return Layer(name, op, i, src, 1, shape, red, out, groups), None
-    if op == "Gemm":
-        b = index.resolve(node.input[1], quantized=True)
-        a = index.resolve(node.input[0], quantized=True) if b is None else None
-        src, idx = (b, 1) if b is not None else (a, 0)
-        if src is None:
-            return None, None  # activation x activation: nothing to prune
-        trans = int(_attr(node, "transB" if idx == 1 else "transA") or 0)
-        red, out = ((1, 0) if trans else (0, 1)) if idx == 1 else ((0, 1) if trans else (1, 0))
-        return _two_d(name, i, op, src, idx, red, out)
-    b = index.resolve(node.input[1], quantized=True)
-    a = index.resolve(node.input[0], quantized=True)
-    if a is not None and b is not None:
-        return None, "both MatMul operands are constant (fold it first)"
-    if b is not None:
-        return _two_d(name, i, op, b, 1, 0, 1)
-    if a is not None:
-        return _two_d(name, i, op, a, 0, 1, 0)
-    return None, None
-
-
-def _two_d(name: str, i: int, op: str, src: WeightSource, idx: int, red: int, out: int):
+def _describe(node: onnx.NodeProto, i: int, name: str, index: GraphIndex):
+    """The layer `node` is, read from its op table entry: the first weight input holding a constant."""
+    spec = weight_op(node.op_type)
+    assert spec is not None and spec.axes is not None
+    found = [(k, index.resolve(node.input[k], quantized=True)) for k in spec.inputs if k < len(node.input)]
+    found = [(k, src) for k, src in found if src is not None]
+    if not found:
+        return None, "weight is not a constant" if spec.kernel else None  # activation x activation
+    if spec.both_constant and len(found) > 1:
+        return None, spec.both_constant
+    k, src = found[0]
+    axes = spec.axes(node, k)
     shape = effective_shape(src)
-    if len(shape) != 2:
-        return None, f"{op} weight has rank {len(shape)}; only 2-D weights are pruned"
-    return Layer(name, op, i, src, idx, shape, red, out), None
+    if spec.kernel and len(shape) < 3:
+        return None, f"weight rank {len(shape)} is not a convolution kernel"
+    if not spec.kernel and len(shape) != 2:
+        return None, f"{node.op_type} weight has rank {len(shape)}; only 2-D weights are pruned"
+    return Layer(name, node.op_type, i, src, k, shape, axes.reduction, axes.output, axes.groups), None
 
 
 def _check_sharing(layers: list[Layer], index: GraphIndex):

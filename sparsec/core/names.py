@@ -40,3 +40,30 @@ def _names(graph: onnx.GraphProto) -> Iterator[str]:
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
                     yield from _names(g)
+
+
+def node_ids(graph: onnx.GraphProto) -> list[str]:
+    """One unique name per node of `graph`, in node order: how analyses, plans and edits name nodes.
+
+    A named node is its name (a name that repeats: its first node; later ones get `name_1`, ...); an
+    unnamed node gets `{op_type}_{position}` (made unique), the display name reports always used.
+    sparsec does not rename nodes at load (named nodes keep their names byte for byte), so an id is
+    computed from the graph it names: the analysis and the pass that edits a copy of that graph agree
+    on every id, and named nodes keep theirs when passes insert or remove nodes.
+    """
+    names = [node.name for node in graph.node]
+    taken = {n for n in names if n}
+    seen: set[str] = set()
+    ids: list[str] = []
+    for i, (node, name) in enumerate(zip(graph.node, names, strict=True)):
+        if name and name not in seen:
+            seen.add(name)
+            ids.append(name)
+            continue
+        base = name or f"{node.op_type}_{i}"
+        fresh, k = base, 1
+        while fresh in taken:
+            fresh, k = f"{base}_{k}", k + 1
+        taken.add(fresh)
+        ids.append(fresh)
+    return ids

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -80,50 +80,116 @@ def _physical_memory() -> int:
         return 16 * 2**30
 
 
+# Stages an option belongs to (sparsec/recipes/__init__.py orders them); "settings" are shared by all
+# stages (data, shapes, verification) and "run" are per-invocation (never written to a recipe file).
+SETTINGS, RUN = "settings", "run"
+
+
+def opt(default: Any = None, *, stage: str, help: str, factory: Any = None, **cli: Any) -> Any:
+    """A declared option: its default, the stage it belongs to, its help text and how the CLI spells
+    it (`flag`, `metavar`, `choices`, `kind`: value | flag | pair | multi, `parse`: a value parser's
+    name in sparsec.recipes.PARSERS). The CLI options, the API keywords, the recipe file keys and
+    `as_dict` are all generated from these fields."""
+    meta = {"stage": stage, "help": help, **cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class CompileOptions:
-    """Everything `sparsec compile` can be asked to do."""
+    """Everything `sparsec compile` can be asked to do: one declaration per option."""
 
-    nm: NMPattern | None = None
-    sparsity: float | None = None
-    method: str = "magnitude"
-    group: str = "output"
-    include: str | None = None
-    exclude: str | None = None
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    verify: bool = True
-    force: bool = False
-    seed: int = 0
-    nm_everywhere: bool = False
-    min_params: int = 256
-    precision: str = "fp32"
-    calib: Any = None  # a .npz file, a directory, or a reader with get_next()
-    calib_random: int | None = None
-    calib_range: dict[str, tuple[float, float]] = field(default_factory=dict)
-    calib_samples: int | None = None
-    batch: int = 8
-    providers: tuple[str, ...] = ("cpu",)
-    quiet: bool = False
-    sequential: bool = False
-    damp: float = 0.01
-    block_size: int = 128
-    owl: bool = False
-    owl_lambda: float = 0.08
-    owl_m: float = 5.0
-    channels: float | None = None
-    channels_per_layer_max: float = 1.0
-    channel_score: str = "l1"
-    round_to: int = 1
-    fold_bn: bool | None = None  # None: on for --channels, off for weight pruning
-    recover: bool = False
-    heads: float | None = None
-    heads_per_layer: int | None = None
-    ffn: float | None = None
-    tokens: float | None = None
-    tokens_from: int = 1
-    encode: str = "auto"  # auto | a format | none
-    rle_bits: int = 4
-    sparse_initializers: bool = False
+    # weights: N:M / unstructured sparsity of the remaining weights
+    nm: NMPattern | None = opt(stage="weights", metavar="N:M", parse="nm",
+                               help="N:M pattern along the reduction axis, e.g. 2:4 or 4:8.")
+    sparsity: float | None = opt(stage="weights", metavar="S", help="Unstructured sparsity in [0, 1).")
+    method: str = opt("magnitude", stage="weights", choices=METHODS,
+                      help="Weight score: magnitude, wanda (|W|·‖X‖) or sparsegpt (second order with "
+                           "weight update); wanda and sparsegpt need calibration.")
+    group: str = opt("output", stage="weights", choices=GROUPS,
+                     help="Comparison group for unstructured pruning.")
+    include: str | None = opt(stage="weights", metavar="REGEX",
+                              help="Prune only layers whose node name matches.")
+    exclude: str | None = opt(stage="weights", metavar="REGEX",
+                              help="Leave layers whose node name matches dense.")
+    nm_everywhere: bool = opt(False, stage="weights", kind="flag",
+                              help="Apply N:M also where TensorRT cannot use it (grouped/depthwise conv).")
+    min_params: int = opt(256, stage="weights", metavar="N", help="Leave layers with fewer weights dense.")
+    sequential: bool = opt(False, stage="weights", kind="flag",
+                           help="Calibrate level by level with earlier layers already pruned.")
+    damp: float = opt(0.01, stage="weights", metavar="F",
+                      help="SparseGPT damping, as a fraction of the mean Hessian diagonal.")
+    block_size: int = opt(128, stage="weights", metavar="N", help="SparseGPT block size.")
+    owl: bool = opt(False, stage="weights", kind="flag",
+                    help="Outlier-weighed layerwise sparsity (unstructured only).")
+    owl_lambda: float = opt(0.08, stage="weights", metavar="L",
+                            help="OWL: layer sparsities stay within S ± L.")
+    owl_m: float = opt(5.0, stage="weights", metavar="M",
+                       help="OWL: a score above M times its layer's mean is an outlier.")
+    # channels: structured removal of whole channels
+    channels: float | None = opt(stage="channels", metavar="R",
+                                 help="Remove this fraction of the prunable channels (global ranking).")
+    channels_per_layer_max: float = opt(1.0, stage="channels", metavar="F",
+                                        help="At most this fraction of any one layer's channels goes.")
+    channel_score: str = opt("l1", stage="channels", choices=("l1", "l2", "bn", "act"),
+                             help="Channel importance: filter norms, BatchNorm |gamma|, or calibrated "
+                                  "activation x outgoing weights.")
+    round_to: int = opt(1, stage="channels", metavar="K",
+                        help="Kept channel counts stay multiples of K (e.g. 8 for tensor cores).")
+    recover: bool = opt(False, stage="channels", kind="flag",
+                        help="Refit consumers on the kept channels by least squares (needs calibration).")
+    # fold-bn
+    fold_bn: bool | None = opt(stage="fold-bn", kind="pair",  # None: on with --channels, else off
+                               help="Fold BatchNormalization into the preceding layer (default: on with "
+                                    "--channels; before --nm/--sparsity; alone, a fold-only compile).")
+    # transformer: heads, FFN neurons, tokens
+    heads: float | None = opt(stage="transformer", metavar="R",
+                              help="Remove this fraction of attention heads (global ranking, one kept per "
+                                   "layer).")
+    heads_per_layer: int | None = opt(stage="transformer", metavar="N",
+                                      help="Keep exactly N heads in every layer.")
+    ffn: float | None = opt(stage="transformer", metavar="R", help="Remove this fraction of FFN neurons.")
+    tokens: float | None = opt(stage="transformer", metavar="KEEP",
+                               help="Token pruning: later layers keep the top ceil(KEEP*L) tokens plus the "
+                                    "first.")
+    tokens_from: int = opt(1, stage="transformer", metavar="LAYER",
+                           help="Score tokens with this layer's attention (1-based); later layers run "
+                                "pruned.")
+    # precision
+    precision: str = opt("fp32", stage="precision", choices=PRECISIONS,
+                         help="Convert the output model (TensorRT's sparse kernels need fp16/bf16).")
+    # encode
+    encode: str = opt("auto", stage="encode", choices=("auto", "none", *FORMATS),  # auto | a format | none
+                      help="Blob encoding of pruned weights in weights.sparsec (auto: smallest per tensor).")
+    rle_bits: int = opt(4, stage="encode", metavar="B", help="Run-length field width in bits.")
+    sparse_initializers: bool = opt(False, stage="encode", kind="flag",
+                                    help="Store pruned weights as ONNX sparse initializers (COO) in "
+                                         "model.onnx.")
+    # settings shared by every stage
+    shapes: dict[str, tuple[int, ...]] = opt(
+        stage=SETTINGS, factory=dict, flag="--shape", kind="multi", parse="shapes",
+        metavar="NAME=d0,d1|NAME:d0xd1",
+        help="Fix an input's symbolic dims for verification and MAC counts (repeatable).")
+    calib: Any = opt(stage=SETTINGS, metavar="FILE.npz|DIR", parse="path",  # or a reader with get_next()
+                     help="Calibration data: arrays keyed by input name, axis 0 = samples.")
+    calib_random: int | None = opt(stage=SETTINGS, metavar="N",
+                                   help="Draw N calibration samples from the input spec.")
+    calib_range: dict[str, tuple[float, float]] = opt(
+        stage=SETTINGS, factory=dict, kind="multi", parse="ranges", metavar="NAME=lo,hi",
+        help="Value range [lo, hi) of a random input for --calib-random and for verification without "
+             "--calib, e.g. input_ids=0,30522 (repeatable).")
+    calib_samples: int | None = opt(stage=SETTINGS, metavar="N", help="Use the first N calibration samples.")
+    batch: int = opt(8, stage=SETTINGS, metavar="B", help="Calibration batch size.")
+    providers: tuple[str, ...] = opt(("cpu",), stage=SETTINGS, parse="providers", metavar="LIST",
+                                     help="onnxruntime execution providers for calibration, e.g. cuda,cpu.")
+    verify: bool = opt(True, stage=SETTINGS, kind="negated", flag="--no-verify",
+                       help="Skip the onnxruntime comparison with the dense model.")
+    seed: int = opt(0, stage=SETTINGS, metavar="N", help="Seed of the random inputs.")
+    # per invocation
+    force: bool = opt(False, stage=RUN, kind="flag",
+                      help="Overwrite the output directory (one sparsec wrote).")
+    quiet: bool = opt(False, stage=RUN, kind="flag", flag="-q/--quiet", help="No progress bar.")
 
     @property
     def transformer(self) -> bool:
@@ -136,7 +202,7 @@ class CompileOptions:
 
     @property
     def folds_bn(self) -> bool:
-        return self.structured if self.fold_bn is None else self.fold_bn
+        return self.channels is not None if self.fold_bn is None else self.fold_bn
 
     @property
     def prunes_weights(self) -> bool:
@@ -148,6 +214,8 @@ class CompileOptions:
         return self.calib is not None or self.calib_random is not None
 
     def __post_init__(self) -> None:
+        if self.nm is not None and (self.channels is not None or self.ffn is not None) and self.round_to == 1:
+            object.__setattr__(self, "round_to", self.nm.m)  # kept widths stay N:M-able for the weights stage
         self._check_pattern()
         self._check_calibration()
 
@@ -158,7 +226,7 @@ class CompileOptions:
                             ("--batch", self.batch), ("--block-size", self.block_size)):
             if value is not None and value < 1:
                 raise SparsecError(f"{flag} {value} must be at least 1")
-        needs = [f"--method {self.method}"] if self.method in CALIBRATED and not self.structured else []
+        needs = [f"--method {self.method}"] if self.method in CALIBRATED and self.prunes_weights else []
         needs += ["--owl"] if self.owl else []
         needs += ["--sequential"] if self.sequential else []
         if needs and not self.calibrated:
@@ -185,9 +253,9 @@ class CompileOptions:
             raise SparsecError(f"--heads-per-layer {self.heads_per_layer} must be at least 1")
         if self.heads is not None and self.heads_per_layer is not None:
             raise SparsecError("--heads and --heads-per-layer are exclusive", "choose one")
-        if self.nm is not None or self.sparsity is not None or self.channels is not None:
-            raise SparsecError("--heads/--ffn cannot be combined with --nm, --sparsity or --channels",
-                               "compile twice: first --heads/--ffn, then the other on the result")
+        if self.channels is not None:
+            raise SparsecError("--channels and --heads/--ffn/--tokens are exclusive",
+                               "in a transformer --ffn removes the removable channels; use --ffn R")
 
     def _check_channels(self) -> None:
         if self.transformer:
@@ -208,9 +276,6 @@ class CompileOptions:
                                "choose l1, l2, bn or act")
         if self.round_to < 1:
             raise SparsecError(f"--round-to {self.round_to} must be at least 1")
-        if self.nm is not None or self.sparsity is not None:
-            raise SparsecError("--channels cannot be combined with --nm or --sparsity in one run",
-                               "compile twice: first --channels, then --nm on the result")
         if (self.channel_score == "act" or self.recover) and not self.calibrated:
             raise SparsecError("--channel-score act and --recover need calibration data",
                                "give --calib FILE.npz|DIR or --calib-random N")
@@ -221,16 +286,14 @@ class CompileOptions:
                                f"choose auto, none or one of {', '.join(FORMATS)}")
         if not 1 <= self.rle_bits <= 16:
             raise SparsecError(f"--rle-bits {self.rle_bits} is out of range", "use 1..16, e.g. 4")
-        if self.sparse_initializers and self.structured:
+        if self.sparse_initializers and not self.prunes_weights:
             raise SparsecError("--sparse-initializers stores pruned weights; structured pruning leaves "
                                "none", "use it with --nm or --sparsity")
 
     def _check_pattern(self) -> None:
         self._check_encoding()
         self._check_channels()
-        if self.structured:
-            return
-        if self.nm is None and self.sparsity is None and not self.fold_bn:
+        if self.nm is None and self.sparsity is None and not self.fold_bn and not self.structured:
             raise SparsecError("nothing to do: give --nm N:M, --sparsity S, --channels R or --fold-bn")
         if self.nm is not None and self.sparsity is not None:
             raise SparsecError("--nm and --sparsity are exclusive", "choose one pattern")
@@ -255,46 +318,25 @@ class CompileOptions:
                 except re.error as exc:
                     raise SparsecError(f"{flag} {pattern!r} is not a valid regex: {exc}") from None
 
-
     def as_dict(self) -> dict:
-        return {
-            "nm": str(self.nm) if self.nm else None,
-            "sparsity": self.sparsity,
-            "method": self.method,
-            "group": self.group,
-            "include": self.include,
-            "exclude": self.exclude,
-            "shapes": {k: list(v) for k, v in self.shapes.items()},
-            "verify": self.verify,
-            "seed": self.seed,
-            "nm_everywhere": self.nm_everywhere,
-            "min_params": self.min_params,
-            "precision": self.precision,
-            "calib": None if self.calib is None else (
-                str(self.calib) if isinstance(self.calib, str | Path) else type(self.calib).__name__),
-            "calib_random": self.calib_random,
-            "calib_range": {k: list(v) for k, v in self.calib_range.items()},
-            "calib_samples": self.calib_samples,
-            "batch": self.batch,
-            "providers": list(self.providers),
-            "sequential": self.sequential,
-            "damp": self.damp,
-            "block_size": self.block_size,
-            "owl": self.owl,
-            "owl_lambda": self.owl_lambda,
-            "owl_m": self.owl_m,
-            "channels": self.channels,
-            "channels_per_layer_max": self.channels_per_layer_max,
-            "channel_score": self.channel_score,
-            "round_to": self.round_to,
-            "fold_bn": self.folds_bn,
-            "recover": self.recover,
-            "heads": self.heads,
-            "heads_per_layer": self.heads_per_layer,
-            "ffn": self.ffn,
-            "tokens": self.tokens,
-            "tokens_from": self.tokens_from,
-            "encode": self.encode,
-            "rle_bits": self.rle_bits,
-            "sparse_initializers": self.sparse_initializers,
-        }
+        """Every option as applied (report.json's `options`), per-invocation ones left out."""
+        return {f.name: self.value_of(f.name) for f in fields(self) if f.metadata["stage"] != RUN}
+
+    def value_of(self, name: str) -> Any:
+        """One option's value as plain data (strings, numbers, lists), as report.json and recipe files
+        write it."""
+        value = self.folds_bn if name == "fold_bn" else getattr(self, name)
+        if isinstance(value, NMPattern):
+            return str(value)
+        if isinstance(value, dict):
+            return {k: list(v) for k, v in value.items()}
+        if isinstance(value, tuple):
+            return list(value)
+        if name == "calib" and value is not None:
+            return str(value) if isinstance(value, str | Path) else type(value).__name__
+        return value
+
+
+def declared(stage: str | None = None) -> list:
+    """The declared option fields, all of them or one stage's, in declaration order."""
+    return [f for f in fields(CompileOptions) if stage is None or f.metadata["stage"] == stage]

@@ -61,7 +61,7 @@ def _check_ours(out: Path) -> None:
         raise SparsecError(f"--force refuses to replace {out}: it was not written by sparsec (no sparsec "
                            f"report.json; it holds {entries[0].name})",
                            "remove it yourself or choose another -o")
-    known = {"model.onnx", "report.json", CONTAINER, SKELETON, EXTERNAL_DATA_NAME}
+    known = {"model.onnx", "report.json", "recipe.yaml", CONTAINER, SKELETON, EXTERNAL_DATA_NAME}
     for entry in entries:
         if not entry.is_file() or (entry.name not in known and entry.suffix != ".engine"):
             raise SparsecError(f"--force refuses to replace {out}: {entry} was not written by sparsec",

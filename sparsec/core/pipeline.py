@@ -51,7 +51,7 @@ class PassError(SparsecError):
 
 @dataclass
 class Pipeline:
-    """An ordered list of passes. Only `sparsec.compiler.build_pipeline` decides the order."""
+    """An ordered list of passes. Only the recipe stages (sparsec/recipes/steps.py, in ORDER) decide it."""
 
     passes: list[Pass]
 

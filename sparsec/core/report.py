@@ -53,6 +53,8 @@ class Report:
     transformer: dict[str, Any] | None = None  # heads/FFN per block and the cost model
     encoding: dict[str, Any] | None = None  # weights.sparsec: format and sizes per tensor
     nothing_pruned: str | None = None  # one line: why a weight-pruning compile changed no weight
+    steps: list[dict[str, Any]] = field(default_factory=list)  # each stage: plan, passes, oracle
+    recipe: dict[str, Any] | None = None  # the stages as run with every option value (recipe.yaml)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +119,25 @@ def summary_table(report: Report) -> str:
                  f"{t['nonzeros']:,} {'kept' if report.channels else 'non-zero'} "
                  f"({t['sparsity']:.1%} removed); MACs {_count(t['macs_dense'])} -> "
                  f"{_count(t['macs_nonzero'])}")
+    lines += _structured_lines(report)
+    for s in report.skipped:
+        lines.append(f"left dense: {s['name']} ({s['op']}): {s['reason']}")
+    if report.encoding and "totals" in report.encoding:
+        e = report.encoding["totals"]
+        formats = ", ".join(f"{k} {v}" for k, v in e["formats"].items())
+        lines.append(f"encoded {e['tensors']} weights: {e['dense_bytes']:,} -> {e['encoded_bytes']:,} bytes "
+                     f"({formats}) in {report.encoding['container']}")
+    elif report.encoding:
+        lines.append(f"encoding: {report.encoding.get('skipped')}")
+    lines += _verify_lines(report.verify)
+    if report.output:
+        lines.append(f"wrote {report.output}")
+    return "\n".join(lines)
+
+
+def _structured_lines(report: Report) -> list[str]:
+    """Transformer blocks, channel groups and BatchNorm folds, one line each."""
+    lines: list[str] = []
     if report.transformer:
         for b in report.transformer["blocks"]:
             ffn = f", FFN {b['ffn_before']} -> {b['ffn_after']}" if b["ffn_before"] else ""
@@ -138,38 +159,33 @@ def summary_table(report: Report) -> str:
         lines.append(f"fold-bn: folded {len(p.get('folded', []))} BatchNormalization, "
                      f"kept {len(p.get('kept', []))}")
         lines += [f"kept BatchNormalization {bn}: {why}" for bn, why in p.get("kept", [])]
-    for s in report.skipped:
-        lines.append(f"left dense: {s['name']} ({s['op']}): {s['reason']}")
-    if report.encoding and "totals" in report.encoding:
-        e = report.encoding["totals"]
-        formats = ", ".join(f"{k} {v}" for k, v in e["formats"].items())
-        lines.append(f"encoded {e['tensors']} weights: {e['dense_bytes']:,} -> {e['encoded_bytes']:,} bytes "
-                     f"({formats}) in {report.encoding['container']}")
-    elif report.encoding:
-        lines.append(f"encoding: {report.encoding.get('skipped')}")
-    if report.verify:
-        v = report.verify
-        if "masked" in v:
-            lines.append(f"oracle (pruned vs dense with the same filters zeroed): "
-                         f"max |diff| {v['masked']['max_abs_diff']:.3g}")
-        if "max_abs_diff" in v:
-            worst = min((o["cosine"] for o in v["outputs"] if not o.get("degenerate")), default=None)
-            cosine = "no informative output" if worst is None else f"min output cosine {worst:.4f}"
-            lines.append(f"verify (onnxruntime, dense vs pruned, on {v.get('source', 'random inputs')}): "
-                         f"max |diff| {v['max_abs_diff']:.3g}, mean |diff| {v['mean_abs_diff']:.3g}, "
-                         f"{cosine}")
-            if v.get("informative") is False:
-                lines.append(f"verify UNINFORMATIVE: {v['reason']}")
-            for name, why in (v.get("uninformative_outputs") or {}).items():
-                lines.append(f"verify: dense output {name} {why} on these inputs; not counted in the cosine")
-            for name, dims in (v.get("assumed_dims") or {}).items():
-                lines.append(f"verify ASSUMED: input {name} dims {', '.join(map(str, dims))} set to 1 "
-                             f"(symbolic; give --shape {name}=...)")
-        else:
-            lines.append(f"verify: skipped: {v.get('skipped')}")
-    if report.output:
-        lines.append(f"wrote {report.output}")
-    return "\n".join(lines)
+    return lines
+
+
+def _verify_lines(v: dict | None) -> list[str]:
+    """The oracle and onnxruntime comparison lines; what verification could not tell."""
+    lines: list[str] = []
+    if not v:
+        return lines
+    if "masked" in v:
+        lines.append(f"oracle (pruned vs dense with the same filters zeroed): "
+                     f"max |diff| {v['masked']['max_abs_diff']:.3g}")
+    if "max_abs_diff" in v:
+        worst = min((o["cosine"] for o in v["outputs"] if not o.get("degenerate")), default=None)
+        cosine = "no informative output" if worst is None else f"min output cosine {worst:.4f}"
+        lines.append(f"verify (onnxruntime, dense vs pruned, on {v.get('source', 'random inputs')}): "
+                     f"max |diff| {v['max_abs_diff']:.3g}, mean |diff| {v['mean_abs_diff']:.3g}, "
+                     f"{cosine}")
+        if v.get("informative") is False:
+            lines.append(f"verify UNINFORMATIVE: {v['reason']}")
+        for name, why in (v.get("uninformative_outputs") or {}).items():
+            lines.append(f"verify: dense output {name} {why} on these inputs; not counted in the cosine")
+        for name, dims in (v.get("assumed_dims") or {}).items():
+            lines.append(f"verify ASSUMED: input {name} dims {', '.join(map(str, dims))} set to 1 "
+                         f"(symbolic; give --shape {name}=...)")
+    else:
+        lines.append(f"verify: skipped: {v.get('skipped')}")
+    return lines
 
 
 def _count(n: int | None) -> str:

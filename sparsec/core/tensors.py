@@ -162,7 +162,14 @@ def inline_copy(model: onnx.ModelProto, store: TensorStore) -> onnx.ModelProto:
     sessions built from bytes, and for masked twins)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    _inline_external(copy, store)
+    # values are read through the original tensors: the store's pending rewrites are keyed by them,
+    # so a copy taken after a pass has rewritten external weights holds the rewritten values
+    for original, tensor in zip(iter_tensors(model.graph), iter_tensors(copy.graph), strict=True):
+        if external_info(tensor) is not None:
+            values = store.read(original)
+            tensor.ClearField("external_data")
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = np.ascontiguousarray(values).tobytes()
     return copy
 
 

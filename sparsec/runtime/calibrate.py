@@ -88,22 +88,7 @@ def collect_stats(model: onnx.ModelProto, store: TensorStore, layers: list[Layer
     used = {i for n in graph.graph.node for i in [*n.input, *subgraph_reads(n)]}  # outer scope too
     tensors = [t for t in model.graph.initializer if t.name in used]
     session = session_with_values(graph, tensors, store, list(settings.providers))
-    sums = {o: np.zeros(s.channels) for s in spec_list for o in (s.sumsq_output, s.sum_output)}
-    grams = {s.gram_output: np.zeros((s.channels, s.channels)) for s in spec_list if s.gram_output}
-    rows = {s.size_output: 0 for s in spec_list}
-    names = [o.name for o in graph.graph.output]
-    seen = 0
-    with Progress(settings.data.num_samples, "calibrating", enabled=settings.progress) as bar:
-        for n, feeds in settings.data.sized_batches(settings.batch):
-            outs = dict(zip(names, run_checked(session, names, feeds, "the calibration graph"), strict=True))
-            for spec in spec_list:
-                sums[spec.sumsq_output] += outs[spec.sumsq_output]
-                sums[spec.sum_output] += outs[spec.sum_output]
-                rows[spec.size_output] += int(outs[spec.size_output]) // spec.channels
-                if spec.gram_output:
-                    grams[spec.gram_output] += outs[spec.gram_output]
-            seen += n
-            bar.update(n)
+    sums, rows, grams, seen = _accumulate(session, [o.name for o in graph.graph.output], spec_list, settings)
     if seen == 0:
         raise SparsecError("calibration data yielded no samples", "check --calib")
     stats = {key: _stats(s, sums, rows, grams) for key, s in specs.items()}
@@ -117,6 +102,26 @@ def collect_stats(model: onnx.ModelProto, store: TensorStore, layers: list[Layer
         unavailable={name: "the rank of its input is unknown" for name in unknown},
         patches={name: _stats(s, sums, rows, grams) for name, s in patch_specs.items()},
     )
+
+
+def _accumulate(session, names: list[str], spec_list: list[StatSpec], settings: CalibrationSettings):
+    """Run every batch and add up the reducers' outputs in float64: (sums, rows, grams, samples)."""
+    sums = {o: np.zeros(s.channels) for s in spec_list for o in (s.sumsq_output, s.sum_output)}
+    grams = {s.gram_output: np.zeros((s.channels, s.channels)) for s in spec_list if s.gram_output}
+    rows = {s.size_output: 0 for s in spec_list}
+    seen = 0
+    with Progress(settings.data.num_samples, "calibrating", enabled=settings.progress) as bar:
+        for n, feeds in settings.data.sized_batches(settings.batch):
+            outs = dict(zip(names, run_checked(session, names, feeds, "the calibration graph"), strict=True))
+            for spec in spec_list:
+                sums[spec.sumsq_output] += outs[spec.sumsq_output]
+                sums[spec.sum_output] += outs[spec.sum_output]
+                rows[spec.size_output] += int(outs[spec.size_output]) // spec.channels
+                if spec.gram_output:
+                    grams[spec.gram_output] += outs[spec.gram_output]
+            seen += n
+            bar.update(n)
+    return sums, rows, grams, seen
 
 
 def _stats(spec: StatSpec, sums, rows, grams) -> ActivationStats:

@@ -182,54 +182,10 @@ def build_engine(
         raise SparsecError(f"ONNX file not found: {onnx_path}")
     trt = _import_tensorrt(onnx_path)
     messages: list[tuple[int, str]] = []
-
-    class _Capture(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, severity, msg) -> None:  # keep INFO and above, plus sparsity verbose lines
-            if int(severity) <= int(trt.ILogger.Severity.INFO) or _SPARSE_TACTIC.search(msg):
-                messages.append((int(severity), str(msg)))
-
-    logger = _Capture()
+    logger = _capture_logger(trt, messages)
     builder = trt.Builder(logger)
-    flag_enum = trt.NetworkDefinitionCreationFlag
-    major = int(trt.__version__.split(".")[0])
-    flags = 1 << int(flag_enum.EXPLICIT_BATCH) if major < 10 else 0
-    typed = strongly_typed and hasattr(flag_enum, "STRONGLY_TYPED")
-    if typed:
-        flags |= 1 << int(flag_enum.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(onnx_path):
-        errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise SparsecError(
-            f"TensorRT could not parse {onnx_path}: {errors[0] if errors else 'unknown error'}",
-            hint=f"{len(errors)} parser error(s); TensorRT {trt.__version__}",
-        )
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
-    config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    if not typed:  # weak typing (TensorRT <= 10): allow the fp16 tactics sparsity needs
-        for name in ("FP16", "BF16"):
-            if hasattr(trt.BuilderFlag, name):
-                config.set_flag(getattr(trt.BuilderFlag, name))
-    inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    shapes = dict(shapes or {})
-    if unknown := sorted(set(shapes) - {i.name for i in inputs}):
-        raise SparsecError(f"shapes given for unknown input {unknown[0]!r}")
-    for inp in inputs:
-        if any(d < 0 for d in inp.shape) and inp.name not in shapes:
-            raise SparsecError(
-                f"input {inp.name!r} has dynamic shape {tuple(inp.shape)}",
-                hint=f"pass shapes={{{inp.name!r}: (...)}} with one shape or (min, opt, max)",
-            )
-    if shapes:
-        profile = builder.create_optimization_profile()
-        for name, spec in shapes.items():
-            profile.set_shape(name, *_profile_shapes(spec))
-        config.add_optimization_profile(profile)
+    network, typed = _parse_network(trt, builder, logger, onnx_path, strongly_typed)
+    config = _sparse_config(trt, builder, network, typed, workspace_mib, dict(shapes or {}))
     layers = tuple(network.get_layer(i).name for i in range(network.num_layers))
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
@@ -237,26 +193,8 @@ def build_engine(
     if plan is None:
         errors = [m for s, m in messages if s <= int(trt.ILogger.Severity.ERROR)]
         raise SparsecError(f"TensorRT build failed: {errors[-1] if errors else 'no error logged'}")
-    folder = os.path.dirname(os.path.abspath(engine_path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".sparsec-", suffix=".engine.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(plan)
-        os.replace(tmp, engine_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    inspector_sparse: list[str] = []
-    try:
-        engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
-        info = engine.create_engine_inspector().get_engine_information(
-            trt.LayerInformationFormat.JSON
-        )
-        inspector_sparse = parse_inspector_layers(info)[1]
-    except Exception as exc:  # noqa: BLE001 - the inspector is a best-effort cross-check
-        messages.append((int(trt.ILogger.Severity.WARNING), f"sparsec: inspector failed: {exc}"))
+    _write_atomically(plan, engine_path)
+    inspector_sparse = _inspector_sparse(trt, logger, plan, messages)
     lines = [m for _, m in messages]
     eligible, picked = parse_sparsity_log(lines)
     source = "log" if picked else ("inspector" if inspector_sparse else "none")
@@ -271,3 +209,91 @@ def build_engine(
         inspector_sparse=tuple(inspector_sparse),
         log_lines=tuple(m for m in lines if "sparsit" in m.lower() or "sparse" in m.lower()),
     )
+
+
+def _capture_logger(trt, messages: list[tuple[int, str]]):
+    """A TensorRT logger that keeps INFO and above, plus the verbose lines that mention sparsity."""
+
+    class _Capture(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg) -> None:
+            if int(severity) <= int(trt.ILogger.Severity.INFO) or _SPARSE_TACTIC.search(msg):
+                messages.append((int(severity), str(msg)))
+
+    return _Capture()
+
+
+def _parse_network(trt, builder, logger, onnx_path: str, strongly_typed: bool):
+    """(network, typed): the parsed ONNX, strongly typed when this TensorRT has the flag."""
+    flag_enum = trt.NetworkDefinitionCreationFlag
+    major = int(trt.__version__.split(".")[0])
+    flags = 1 << int(flag_enum.EXPLICIT_BATCH) if major < 10 else 0
+    typed = strongly_typed and hasattr(flag_enum, "STRONGLY_TYPED")
+    if typed:
+        flags |= 1 << int(flag_enum.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(onnx_path):
+        errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise SparsecError(
+            f"TensorRT could not parse {onnx_path}: {errors[0] if errors else 'unknown error'}",
+            hint=f"{len(errors)} parser error(s); TensorRT {trt.__version__}",
+        )
+    return network, typed
+
+
+def _sparse_config(trt, builder, network, typed: bool, workspace_mib: int, shapes: dict):
+    """Builder config: SPARSE_WEIGHTS, detailed profiling, and one profile for the dynamic inputs."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
+    config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if not typed:  # weak typing (TensorRT <= 10): allow the fp16 tactics sparsity needs
+        for name in ("FP16", "BF16"):
+            if hasattr(trt.BuilderFlag, name):
+                config.set_flag(getattr(trt.BuilderFlag, name))
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    if unknown := sorted(set(shapes) - {i.name for i in inputs}):
+        raise SparsecError(f"shapes given for unknown input {unknown[0]!r}")
+    for inp in inputs:
+        if any(d < 0 for d in inp.shape) and inp.name not in shapes:
+            raise SparsecError(
+                f"input {inp.name!r} has dynamic shape {tuple(inp.shape)}",
+                hint=f"pass shapes={{{inp.name!r}: (...)}} with one shape or (min, opt, max)",
+            )
+    if shapes:
+        profile = builder.create_optimization_profile()
+        for name, spec in shapes.items():
+            profile.set_shape(name, *_profile_shapes(spec))
+        config.add_optimization_profile(profile)
+    return config
+
+
+def _write_atomically(plan, engine_path: str) -> None:
+    """Temp file beside the target, then a rename: a failed write leaves nothing half written."""
+    folder = os.path.dirname(os.path.abspath(engine_path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".sparsec-", suffix=".engine.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(plan)
+        os.replace(tmp, engine_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _inspector_sparse(trt, logger, plan, messages: list[tuple[int, str]]) -> list[str]:
+    """Engine layers whose tactic is sparse, per the inspector (a best-effort cross-check)."""
+    try:
+        engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+        info = engine.create_engine_inspector().get_engine_information(
+            trt.LayerInformationFormat.JSON
+        )
+        return parse_inspector_layers(info)[1]
+    except Exception as exc:  # noqa: BLE001 - the inspector is a best-effort cross-check
+        messages.append((int(trt.ILogger.Severity.WARNING), f"sparsec: inspector failed: {exc}"))
+        return []

@@ -52,7 +52,6 @@ def sparsegpt_prune(
     3 times before a ValueError; `damp` reports the λ used. Nothing to prune returns W as is.
     """
     nm = _check_args(weight, gram, count, sparsity, n, m, block_size, percdamp)
-    rows, k = weight.shape
     if (nm and n == m) or (not nm and sparsity == 0):
         # nothing to prune: the update would be a no-op, so return the weights untouched
         return SparseGPTResult(weight.copy(), np.ones(weight.shape, dtype=bool), 0.0, 0.0, 0.0)
@@ -63,38 +62,49 @@ def sparsegpt_prune(
     # work on Wᵀ [K, rows] so that a column of W is a contiguous row
     wt = weight.astype(_COMPUTE).T.copy()
     wt[dead] = 0.0
-    damp = percdamp * float(np.mean(np.diag(h)))
-    hinv, damp = _hinv_upper(h, damp)
-    hinv = hinv.astype(_COMPUTE, copy=False)
-
-    ger = scipy.linalg.blas.get_blas_funcs("ger", dtype=_COMPUTE)
-    prune = np.zeros((k, rows), dtype=bool)  # transposed like wt
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        w1 = wt[i1:i2].copy()
-        hinv1 = hinv[i1:i2, i1:i2]
-        d = np.diag(hinv1)
-        p1 = prune[i1:i2]
-        if not nm:
-            scores = w1**2 / (d**2)[:, None]
-            p1[:] = _lowest_removed(scores.T, sparsity).T  # ranked in row-major [rows, block] order
-        err1 = np.zeros_like(w1)
-        for i in range(i2 - i1):
-            if nm and i % m == 0:
-                s = w1[i : i + m] ** 2 / (d[i : i + m] ** 2)[:, None]
-                p1[i : i + m] = ~nm_mask(s, n, m, axis=0)
-            err = np.where(p1[i], w1[i] / d[i], 0.0)  # (w - q)/d with q = w·(1 - mask)
-            # w1[i:] -= outer(hinv1[i, i:], err), in place (w1[i:].T is Fortran-ordered): 2.5x faster
-            ger(-1.0, err, hinv1[i, i:], a=w1[i:].T, overwrite_a=1)
-            err1[i] = err
-        wt[i1:i2] = w1
-        if i2 < k:
-            wt[i2:] -= hinv[i1:i2, i2:].T @ err1
-
+    hinv, damp = _hinv_upper(h, percdamp * float(np.mean(np.diag(h))))
+    prune = _obs_sweep(wt, hinv.astype(_COMPUTE, copy=False), block_size, sparsity,
+                       (n, m) if nm else None)
     keep = ~prune.T
     new = apply_mask(wt.T.astype(weight.dtype), keep)  # +0.0 for pruned, even after the cast
     before, after = relative_errors(weight, gram.astype(np.float64), apply_mask(weight, keep), new)
     return SparseGPTResult(weight=new, keep=keep, error_before=before, error_after=after, damp=damp)
+
+
+def _obs_sweep(wt: np.ndarray, hinv: np.ndarray, block_size: int, sparsity: float | None,
+               nm: tuple[int, int] | None) -> np.ndarray:
+    """Prune Wᵀ [K, rows] in place column by column, block by block; returns the removed mask [K, rows]."""
+    k, rows = wt.shape
+    prune = np.zeros((k, rows), dtype=bool)  # transposed like wt
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = wt[i1:i2].copy()
+        err1 = _obs_block(w1, hinv[i1:i2, i1:i2], prune[i1:i2], sparsity, nm)
+        wt[i1:i2] = w1
+        if i2 < k:  # the block's error, carried to every later column at once
+            wt[i2:] -= hinv[i1:i2, i2:].T @ err1
+    return prune
+
+
+def _obs_block(w1: np.ndarray, hinv1: np.ndarray, p1: np.ndarray, sparsity: float | None,
+               nm: tuple[int, int] | None) -> np.ndarray:
+    """One block: choose its mask (all at once, or per N:M group), update w1 in place; the errors."""
+    ger = scipy.linalg.blas.get_blas_funcs("ger", dtype=_COMPUTE)
+    d = np.diag(hinv1)
+    if nm is None:
+        scores = w1**2 / (d**2)[:, None]
+        p1[:] = _lowest_removed(scores.T, sparsity).T  # ranked in row-major [rows, block] order
+    err1 = np.zeros_like(w1)
+    for i in range(len(w1)):
+        if nm is not None and i % nm[1] == 0:
+            n, m = nm
+            s = w1[i : i + m] ** 2 / (d[i : i + m] ** 2)[:, None]
+            p1[i : i + m] = ~nm_mask(s, n, m, axis=0)
+        err = np.where(p1[i], w1[i] / d[i], 0.0)  # (w - q)/d with q = w·(1 - mask)
+        # w1[i:] -= outer(hinv1[i, i:], err), in place (w1[i:].T is Fortran-ordered): 2.5x faster
+        ger(-1.0, err, hinv1[i, i:], a=w1[i:].T, overwrite_a=1)
+        err1[i] = err
+    return err1
 
 
 def relative_errors(weight: np.ndarray, gram: np.ndarray, *pruned: np.ndarray) -> tuple[float, ...]:

@@ -318,6 +318,8 @@ def _check_oracle(case: Case, model, reference, pruned, feeds, pruned_out, decla
     after = constants(pruned)
     removed: dict[str, tuple[int, list[int]]] = {}
     inexact = []
+    # a depthwise conv cut down to one channel has group=1 in the pruned model: read the dense group
+    dense_group = {name: _attrs(node).get("group", 1) for node, _, name, _ in weight_reads(model)}
     for node, slot, name, _ in weight_reads(pruned):
         if name not in bases[0]:  # a constant sparsec added (e.g. a border-correction kernel)
             case.notes.append(f"added constant {name}")
@@ -334,7 +336,7 @@ def _check_oracle(case: Case, model, reference, pruned, feeds, pruned_out, decla
             return
         ko, ki = match
         full_out, full_in = bases[0][name].shape[oa], bases[0][name].shape[ia]
-        group = _attrs(node).get("group", 1)
+        group = dense_group.get(name, _attrs(node).get("group", 1))
         sliced_in = len(ki) < full_in or (group > 1 and len(ko) < full_out)
         a = _attrs(node)
         padded = node.op_type == "ConvTranspose" or any(a.get("pads", [])) or (
