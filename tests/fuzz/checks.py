@@ -29,6 +29,7 @@ MODES: dict[str, dict[str, Any]] = {
     "channels30": {"channels": 0.3},
     "channels50r4": {"channels": 0.5, "round_to": 4},
     "nm24_fold": {"nm": "2:4", "fold_bn": True},
+    "channels30_nm24": {"channels": 0.3, "nm": "2:4"},  # a recipe: channels, BN folding, then 2:4
 }
 LONG_MODES = {**MODES, "sparsegpt24": {"nm": "2:4", "method": "sparsegpt", "calib_random": 4}}
 COMMON = {"force": True, "min_params": 1, "quiet": True}
@@ -164,10 +165,13 @@ def run_case(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], mode: s
         case.fail("onnxruntime", str(exc).splitlines()[0][:200])
         return case, pruned
     _check_io(case, model, pruned, dense_out, pruned_out)
-    _check_totals(case, model, pruned, report, structured="channels" in opts)
+    combined = "channels" in opts and ("nm" in opts or "sparsity" in opts)
+    _check_totals(case, model, pruned, report, structured="channels" in opts and not combined)
+    if combined:  # the weights table is the main one; the channel step keeps its own totals
+        _check_step_totals(case, model, pruned, report, "channels")
     if "nm" in opts:
         _check_nm(case, model, pruned, report, bit_identical=not opts.get("fold_bn") and opts.get("method")
-                  != "sparsegpt")
+                  != "sparsegpt" and "channels" not in opts)
     elif "sparsity" in opts:
         _check_kept_bits(case, model, pruned)
     elif opts.get("channels", 0) == 0:  # fold-only or channels=0: a rewrite that must not change outputs
@@ -262,10 +266,28 @@ def _check_totals(case: Case, model, pruned, report, structured: bool) -> None:
         case.fail("report-totals" + ("-added-constants" if added else ""),
                   f"report params/nonzeros {t['params']}/{t['nonzeros']}, written {params}/{nonzeros}"
                   + (f"; weights not in the input: {', '.join(added[:3])}" if added else ""))
-    mine = {name for _, _, name, _ in weight_reads(pruned)}
+    # a constant sparsec added (a border-correction kernel) is no layer of the input model
+    mine = {name for _, _, name, _ in weight_reads(pruned) if name in before}
     if not structured and weights != mine:
         case.fail("report-layer-set", f"not reported {sorted(mine - weights)[:3]}, "
                                       f"reported but no layer {sorted(weights - mine)[:3]}")
+
+
+def _check_step_totals(case: Case, model, pruned, report, step: str) -> None:
+    """A combined compile: the structural step's params before equal the input's, and its kept
+    weights equal the written shapes (the weights stage zeroes values, it never changes shapes)."""
+    entry = next((s for s in (report.steps or []) if s.get("name") == step), None)
+    totals = (entry or {}).get("totals")
+    if not totals:
+        case.fail("step-totals-missing", f"steps[{step}] has no totals")
+        return
+    before, after = constants(model), constants(pruned)
+    weights = [w for w in {e.weight for e in report.layers} if w in before and w in after]
+    params = sum(before[w].size for w in weights)
+    kept = sum(after[w].size for w in weights)
+    if (totals["params"], totals["nonzeros"]) != (params, kept):
+        case.fail("step-totals", f"steps[{step}] params/kept {totals['params']}/{totals['nonzeros']}, "
+                                 f"input/written {params}/{kept}")
 
 
 # -- the channel oracle ----------------------------------------------------------------------------
