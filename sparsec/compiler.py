@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 
 from sparsec.channels.structured_report import structured_section
-from sparsec.core.graph import TWO_GB, load_model, save_model
+from sparsec.core.graph import TWO_GB, check_written, load_model, save_model
 from sparsec.core.graph_index import GraphIndex
 from sparsec.core.layers import LayerAnalysis
 from sparsec.core.options import CompileOptions
@@ -155,6 +155,8 @@ def _write(run: CompileRun, report: Report, model_path: Path, out: Path) -> None
         start = time.perf_counter()
         save_model(ctx.model, tmp / "model.onnx", ctx.store, external=loaded.external)
         timings["save_s"] = time.perf_counter() - start
+        # the full check's shape inference does not know sparse initializers feeding ops
+        check_written(tmp / "model.onnx", full=not options.sparse_initializers)
         if options.verify:
             start = time.perf_counter()
             report.verify = _verify(model_path, tmp / "model.onnx", ctx, run.fixed, options, run.settings)

@@ -211,3 +211,25 @@ def test_non_finite_weights_and_overridable_initializers_stay_dense_with_reasons
                                       .astype(np.float32) if "precision" in options else original[name])
     assert report.nothing_pruned and "NaN" in report.nothing_pruned
     assert report.verify["informative"] is False
+
+
+def test_an_invalid_written_model_is_caught_even_without_verify(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnx's full check runs on every written model: a (simulated) writer bug that produces a
+    graph reading an undefined tensor stops the compile, and nothing is moved into place."""
+    import sparsec
+    import sparsec.compiler as compiler
+
+    real_save = compiler.save_model
+
+    def broken_save(model, path, store, *, external):
+        model.graph.node[0].input[1] = "nowhere"
+        real_save(model, path, store, external=external)
+
+    monkeypatch.setattr(compiler, "save_model", broken_save)
+    model = tmp_path / "m.onnx"
+    onnx.save(_matmul_model(), str(model))
+    out = tmp_path / "out"
+    with pytest.raises(SparsecError, match="sparsec wrote an invalid model"):
+        sparsec.compile(model, output=out, nm="2:4", verify=False, min_params=0)
+    assert not out.exists()

@@ -128,3 +128,13 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def check_written(path: Path, full: bool = True) -> None:
+    """onnx's checker on a model sparsec wrote, whatever --no-verify says: an invalid output is a
+    sparsec bug, and it must stop the compile before anything is moved into place."""
+    try:
+        onnx.checker.check_model(str(path), full_check=full)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
+        raise SparsecError(f"sparsec wrote an invalid model: {_first_line(exc)}",
+                           "this is a sparsec bug, please report it with the input model") from None
