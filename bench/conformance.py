@@ -61,9 +61,9 @@ MODES: tuple[Mode, ...] = (
     Mode("heads", ("--heads", "0.25"), "heads", transformer_only=True),
     Mode("ffn", ("--ffn", "0.25"), "ffn", transformer_only=True),
     Mode("tokens", ("--tokens", "0.7"), "tokens", transformer_only=True),
-    Mode("channels+nm", ("--channels", "0.3", "--fold-bn", "--nm", "2:4"), "channels"),
+    Mode("channels+nm", ("--channels", "0.3", "--fold-bn", "--nm", "2:4"), "steps"),
     Mode("heads+ffn+sparsegpt", ("--heads", "0.25", "--ffn", "0.25", "--nm", "2:4", "--method", "sparsegpt"),
-         "heads", calib=True, transformer_only=True),
+         "steps", calib=True, transformer_only=True),
 )
 BY_NAME = {m.name: m for m in MODES}
 
@@ -144,6 +144,12 @@ def _changed(blocks: list[dict], key: str) -> bool:
 def what_was_done(mode: Mode, report: dict, dense: onnx.ModelProto, pruned: onnx.ModelProto) -> str | None:
     """A failure message when the report or the files show that the mode did nothing; None when it did."""
     totals = report.get("totals") or {}
+    if mode.done == "steps":  # a combined compile: some step did something, every other one said why
+        steps = [s for s in report.get("steps") or [] if s.get("name") != "encode"]
+        if not any(s.get("modified") for s in steps):
+            return "exit 0 but no step modified the model"
+        silent = [s["name"] for s in steps if not s.get("modified") and not s.get("nothing")]
+        return f"exit 0 but steps {silent} did nothing without saying why" if silent else None
     if mode.done in ("weights", "precision") and not totals.get("layers_pruned"):
         return "exit 0 but no layer pruned (totals.layers_pruned = 0)"
     if mode.done == "channels" and not (report.get("channels") or {}).get("removed"):

@@ -129,7 +129,7 @@ def declared_option(spec) -> click.Option:
     elif kind == "multi":
         kwargs |= {"multiple": True, "metavar": meta.get("metavar"), "default": ()}
     elif kind == "value":
-        choices = meta.get("choices")
+        choices = meta["choices"].values() if meta.get("choices") else None
         # choices are shown as [a|b|c] and checked by CompileOptions, whose error is one line naming
         # the flag and the choices (click's own would print a usage block)
         kwargs |= {"type": _python_type(spec),
@@ -183,6 +183,10 @@ def compile_cmd(model: Path, output: Path | None, recipe: Path | None, as_json: 
     click.echo(report.to_json() if as_json else summary_table(report))
     if report.nothing_pruned:
         click.echo(f"sparsec: {report.nothing_pruned}", err=True)
+    elif len(report.steps or []) > 1:  # a combined compile: each step that did nothing says why
+        for step in report.steps:
+            if step.get("nothing"):
+                click.echo(f"sparsec: step {step['name']}: {step['nothing']}", err=True)
 
 
 @cli.command("inspect")

@@ -104,10 +104,10 @@ def compile_model(model_path: str | Path, options: CompileOptions, output: str |
     for stage in stages_for(options):
         if stage.name == "encode":
             continue  # reads the report's pruned weights: after the report
-        run.steps.append(stage.step(run))
+        run.steps.append(stage.apply(run))
     report = _build_report(run, out)
     if stage_runs(options, "encode"):
-        run.steps.append(encode_step(run))
+        run.steps.append(encode_step(run, options.of("encode")))
         report.encoding = run.encoding
     report.steps = run.steps
     report.recipe = recipe_of(options)
@@ -236,42 +236,13 @@ def _pass_entry(result: PassResult) -> dict:
 def _report(ctx: PassContext, model_path: Path, out: Path, options: CompileOptions,
             analysis: LayerAnalysis, skipped, macs_by_layer: dict[str, int | None],
             results: list[PassResult]) -> Report:
-    index = GraphIndex(ctx.model.graph)
+    """The report before verification: options, the layer table and its totals, what was skipped and
+    why, the passes and the TensorRT commands."""
+    left_dense = [(la, ctx.facts["left_dense"][la.weight]) for la in analysis.layers
+                  if la.weight in ctx.facts.get("left_dense", {})]
     reasons = {(s.name, s.weight): s.reason for s in skipped}
-    reasons |= {(la.name, la.weight): ctx.facts["left_dense"][la.weight] for la in analysis.layers
-                if la.weight in ctx.facts.get("left_dense", {})}
-    pruned = {n: w for r in results for w in r.details.get("weights", []) for n in w.layers}
-    entries: list[LayerEntry] = []
-    weight_bytes: dict[str, int] = {}
-    nonzeros_cache: dict[str, int] = {}
-    for layer in analysis.layers:
-        tensor = index.constant(layer.source)
-        if layer.weight not in nonzeros_cache:
-            done = pruned.get(layer.name)
-            if done is not None and options.precision == "fp32":  # the pass counted already
-                nonzeros_cache[layer.weight] = done.nonzeros
-                weight_bytes[layer.weight] = done.params * _itemsize(tensor)
-            else:
-                values = ctx.store.read(tensor)
-                zero = zero_point(index, ctx.store, layer.source)  # a QDQ weight's zero point
-                nonzeros_cache[layer.weight] = count_nonzero(values, zero)
-                weight_bytes[layer.weight] = values.nbytes
-        nz = nonzeros_cache[layer.weight]
-        macs = macs_by_layer[layer.name]
-        done = pruned.get(layer.name)
-        reason = None if done is not None else reasons.get((layer.name, layer.weight))
-        entries.append(LayerEntry(
-            name=layer.name, op=layer.op, weight=layer.weight, shape=list(layer.shape),
-            reduction_axis=layer.reduction_axis, pattern=done.pattern if done else "dense",
-            sparsity=1.0 - nz / layer.params, params=layer.params, nonzeros=nz, macs_dense=macs,
-            macs_nonzero=None if macs is None else int(round(macs * nz / layer.params)),
-            skipped_reason=reason,
-            method=done.method if done else None,
-            calib_samples=done.samples if done else None,
-            rel_error=done.rel_error if done else None,
-            rel_error_basis=done.rel_error_basis if done else None,
-            note=done.note if done else None,
-        ))
+    reasons |= {(la.name, la.weight): why for la, why in left_dense}
+    entries, weight_bytes = _layer_entries(ctx, options, analysis, reasons, macs_by_layer, results)
     trt = {"commands": trt_commands(str(out / "model.onnx"), options.precision)}
     return Report(
         sparsec_version=__version__,
@@ -282,9 +253,48 @@ def _report(ctx: PassContext, model_path: Path, out: Path, options: CompileOptio
         totals=totals(entries, weight_bytes),
         verify=None,
         skipped=[{"name": s.name, "op": s.op, "weight": s.weight, "reason": s.reason} for s in skipped]
-        + [{"name": la.name, "op": la.op, "weight": la.weight, "reason": ctx.facts["left_dense"][la.weight]}
-           for la in analysis.layers if la.weight in ctx.facts.get("left_dense", {})],
+        + [{"name": la.name, "op": la.op, "weight": la.weight, "reason": why} for la, why in left_dense],
         passes=[_pass_entry(r) for r in results],
         tensorrt=trt,
     )
 
+
+def _layer_entries(ctx: PassContext, options: CompileOptions, analysis: LayerAnalysis,
+                   reasons: dict[tuple[str, str], str], macs_by_layer: dict[str, int | None],
+                   results: list[PassResult]) -> tuple[list[LayerEntry], dict[str, int]]:
+    """One entry per layer of the final model, and the bytes of each weight (counted once if shared)."""
+    index = GraphIndex(ctx.model.graph)
+    pruned = {n: w for r in results for w in r.details.get("weights", []) for n in w.layers}
+    entries: list[LayerEntry] = []
+    weight_bytes: dict[str, int] = {}
+    nonzeros: dict[str, int] = {}
+    for layer in analysis.layers:
+        done = pruned.get(layer.name)
+        if layer.weight not in nonzeros:
+            if done is not None and options.precision == "fp32":  # the pass counted already
+                nonzeros[layer.weight] = done.nonzeros
+                weight_bytes[layer.weight] = done.params * _itemsize(index.constant(layer.source))
+            else:
+                values = ctx.store.read(index.constant(layer.source))
+                zero = zero_point(index, ctx.store, layer.source)  # a QDQ weight's zero point
+                nonzeros[layer.weight] = count_nonzero(values, zero)
+                weight_bytes[layer.weight] = values.nbytes
+        reason = None if done is not None else reasons.get((layer.name, layer.weight))
+        entries.append(_layer_entry(layer, done, nonzeros[layer.weight], macs_by_layer[layer.name], reason))
+    return entries, weight_bytes
+
+
+def _layer_entry(layer, done, nz: int, macs: int | None, reason: str | None) -> LayerEntry:
+    """A layer's row: its shape and cost, and what the pass that pruned it (``done``, or None) did."""
+    return LayerEntry(
+        name=layer.name, op=layer.op, weight=layer.weight, shape=list(layer.shape),
+        reduction_axis=layer.reduction_axis, pattern=done.pattern if done else "dense",
+        sparsity=1.0 - nz / layer.params, params=layer.params, nonzeros=nz, macs_dense=macs,
+        macs_nonzero=None if macs is None else int(round(macs * nz / layer.params)),
+        skipped_reason=reason,
+        method=done.method if done else None,
+        calib_samples=done.samples if done else None,
+        rel_error=done.rel_error if done else None,
+        rel_error_basis=done.rel_error_basis if done else None,
+        note=done.note if done else None,
+    )

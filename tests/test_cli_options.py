@@ -163,7 +163,7 @@ def test_verbose_and_quiet_on_every_command():
 
 @pytest.mark.parametrize(("flag", "value", "shown"), [
     ("--method", "obs", "magnitude, wanda, sparsegpt"), ("--precision", "int4", "fp32, fp16, bf16"),
-    ("--group", "row", "output, layer, input"), ("--channel-score", "l3", "l1, l2, bn or act"),
+    ("--group", "row", "output, layer, input"), ("--channel-score", "l3", "l1, l2, bn, act"),
     ("--encode", "zip", "nm_rank"),
 ])
 def test_a_bad_choice_is_one_line_naming_the_flag(tmp_path, flag, value, shown):

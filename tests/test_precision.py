@@ -7,14 +7,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from sparsec.runtime.precision import (
-    can_run_on_cpu,
-    convert_precision,
-    lowp_unsupported_ops,
-    precision_drift,
-)
 
 from sparsec.errors import SparsecError
+from sparsec.runtime.lowp_support import lowp_unsupported_ops
+from sparsec.runtime.precision import convert_precision
+from sparsec.runtime.precision_drift import can_run_on_cpu, precision_drift
 
 # fp16 keeps 11 significant bits (relative step 2**-11 ~ 4.9e-4); a few layers of accumulation
 # on O(1..10) activations stay well inside these bounds, while a wrong cast or dropped op does not.

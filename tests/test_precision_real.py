@@ -8,7 +8,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from sparsec.runtime.precision import convert_precision, lowp_unsupported_ops
+
+from sparsec.runtime.lowp_support import lowp_unsupported_ops
+from sparsec.runtime.precision import convert_precision
 
 F = TensorProto.FLOAT
 # fp16 keeps 11 significant bits; a few ops on O(1) values stay far inside this, a wrong or
@@ -234,9 +236,8 @@ def test_contrib_op_without_fp16_kernel_stays_float32():
 def test_compile_refuses_a_converted_model_onnxruntime_rejects(tmp_path, monkeypatch):
     """The onnx checker does not know contrib schemas: if a conversion still feeds one fp16 (here
     the contrib table is switched off), compile fails and writes nothing instead of skipping verify."""
-    import sparsec.runtime.precision as precision
-
     import sparsec
+    import sparsec.runtime.lowp_support as lowp_support
     from sparsec.errors import SparsecError
 
     path = tmp_path / "m.onnx"
@@ -249,7 +250,7 @@ def test_compile_refuses_a_converted_model_onnxruntime_rejects(tmp_path, monkeyp
     onnx.save(model, path)
     sparsec.compile(path, nm="2:4", output=tmp_path / "ok", precision="fp16", min_params=0)
     assert (tmp_path / "ok" / "model.onnx").exists()
-    monkeypatch.setattr(precision, "_type_constraints", lambda *a: None)
+    monkeypatch.setattr(lowp_support, "_type_constraints", lambda *a: None)
     with pytest.raises(SparsecError, match="onnxruntime rejects"):
         sparsec.compile(path, nm="2:4", output=tmp_path / "bad", precision="fp16", min_params=0)
     assert not (tmp_path / "bad").exists()

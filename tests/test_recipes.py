@@ -3,13 +3,28 @@ previous one left, each structural step checked by its own oracle."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
 import sparsec
-from sparsec.recipes import ORDER, STAGE_NAMES, options_from, stages_for
+from sparsec.core.options import (
+    RECIPE_OPTIONS,
+    ChannelsOptions,
+    EncodeOptions,
+    FoldBNOptions,
+    Method,
+    PrecisionOptions,
+    TransformerOptions,
+    WeightsOptions,
+    declared,
+)
+from sparsec.recipes import ORDER, STAGE_NAMES, Stage, options_from, stages_for
+from sparsec.recipes.step_oracle import FOLD_RTOL
+from sparsec.recipes.step_plans import WeightsPlan
 
 SHAPES = {"input_ids": (2, 12), "attention_mask": (2, 12)}
 ORACLE_RTOL = 1e-5
@@ -55,6 +70,21 @@ def oracle_within(report, rtol: float = ORACLE_RTOL) -> None:
     assert step["oracle"]["max_abs_diff"] == masked["max_abs_diff"]
 
 
+def weights_step_reported(step: dict) -> None:
+    """The weights step's oracle: dense-before vs pruned-after on the same inputs; pruning changes the
+    outputs (diff > 0) but keeps their direction."""
+    oracle = step["oracle"]
+    assert oracle["against"].startswith("the graph before this step")
+    assert oracle["max_abs_diff"] > 0 and 0.5 < oracle["cosine"] <= 1.0 + 1e-9
+
+
+def precision_step_reported(step: dict) -> None:
+    """The precision step's oracle: fp32 before conversion vs the converted graph (the drift)."""
+    oracle = step["oracle"]
+    assert oracle["max_abs_diff"] > 0 and oracle["max_rel_diff"] <= 5e-2 and oracle["cosine"] > 0.999
+    assert step["plan"].startswith("convert to fp16, ") and "kept in fp32" in step["plan"]
+
+
 def test_order_is_one_table():
     assert STAGE_NAMES == ("transformer", "channels", "fold-bn", "weights", "precision", "encode")
     assert [s.name for s in stages_for(options_from({"channels": 0.3, "nm": "2:4", "precision": "fp16"}))] \
@@ -86,6 +116,11 @@ def test_channels_fold_bn_then_2_4(tmp_path, precision):
     assert report.verify["outputs"] and report.verify["max_abs_diff"] > 0  # dense vs final, reported
     assert report.encoding["totals"]["tensors"] == len({la.weight for la in pruned})
     assert report.steps[0]["totals"]["weights_after"] < report.steps[0]["totals"]["params"]
+    steps = {s["name"]: s for s in report.steps}
+    assert steps["fold-bn"]["oracle"]["max_rel_diff"] <= FOLD_RTOL  # folding is exact, step by step
+    weights_step_reported(steps["weights"])
+    if precision == "fp16":
+        precision_step_reported(steps["precision"])
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -107,6 +142,10 @@ def test_heads_ffn_then_sparsegpt_2_4(tmp_path, transformer_models, precision):
     assert {b["ffn_after"] for b in blocks} <= widths
     assert assert_nm_on_trt_axes(tmp_path / "o" / "model.onnx") >= len({la.weight for la in pruned})
     assert report.verify["outputs"][0]["cosine"] > 0.5
+    steps = {s["name"]: s for s in report.steps}
+    weights_step_reported(steps["weights"])
+    if precision == "fp16":
+        precision_step_reported(steps["precision"])
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -123,6 +162,11 @@ def test_fold_bn_alone(tmp_path, precision):
     tol = 1e-4 if precision == "fp32" else 5e-2
     for o in report.verify["outputs"]:
         assert o["max_abs_diff"] <= tol * max(o["max_abs_dense"], 1.0)
+    fold = report.steps[0]["oracle"]  # the fold alone, before any conversion
+    assert fold["tolerance"] == FOLD_RTOL and 0.0 <= fold["max_rel_diff"] <= FOLD_RTOL
+    assert report.steps[0]["plan"] == "fold 6 of 6 BatchNormalization, keep 0"
+    if precision == "fp16":
+        precision_step_reported(report.steps[1])
 
 
 def test_report_carries_the_recipe_it_ran(tmp_path):
@@ -164,3 +208,129 @@ def test_structural_oracle_on_external_data_reads_the_rewritten_weights(tmp_path
     report = sparsec.compile(src, output=tmp_path / "o", channels=0.3, nm="2:4")
     oracle_within(report)
     assert report.channels["removed"] > 0
+
+
+def test_choices_are_enums_written_as_plain_strings(tmp_path):
+    from models import example_path
+
+    options = options_from({"nm": "2:4", "method": "wanda", "calib_random": 2, "precision": "fp16"})
+    assert options.method is Method.WANDA and options.method == "wanda" and f"{options.method}" == "wanda"
+    assert options.of("weights").method is Method.WANDA
+    report = sparsec.compile(example_path(), output=tmp_path / "o", nm="2:4", encode="bitmap")
+    assert type(report.options["method"]) is str and type(report.options["encode"]) is str
+    text = (tmp_path / "o" / "recipe.yaml").read_text()
+    assert "method: magnitude" in text and "encode: bitmap" in text and "!!" not in text
+
+
+@pytest.mark.parametrize(("keyword", "value", "choices"), [
+    ("method", "obs", "magnitude, wanda, sparsegpt"), ("group", "row", "output, layer, input"),
+    ("precision", "int4", "fp32, fp16, bf16"), ("encode", "zip", "auto, none, dense"),
+])
+def test_a_bad_choice_is_refused_by_the_api(tmp_path, keyword, value, choices):
+    from models import example_path
+
+    with pytest.raises(sparsec.SparsecError, match=rf"{keyword}='{value}' is unknown") as info:
+        sparsec.compile(example_path(), output=tmp_path / "o", nm="2:4", **{keyword: value})
+    assert choices in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_each_recipe_options_object_holds_only_its_fields():
+    options = options_from({"channels": 0.3, "nm": "2:4", "precision": "fp16", "seed": 2})
+    seen: set[str] = set()
+    for cls in RECIPE_OPTIONS:
+        part = options.of(cls.stage)
+        names = {f.name for f in dataclasses.fields(part)}
+        assert type(part) is cls and names == {f.name for f in declared(cls.stage)}
+        assert not names & seen  # declared once
+        seen |= names
+        for name in names:
+            assert getattr(part, name) == getattr(options, name)
+    assert seen == {f.name for f in declared()}
+    assert options.of("channels").round_to == 4  # the cross-recipe default reaches the stage's object
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.of("weights").nm = None  # type: ignore[misc]
+
+
+def test_each_step_receives_only_its_own_options():
+    from types import SimpleNamespace
+
+    options = options_from({"heads": 0.25, "nm": "2:4", "precision": "fp16"})
+    seen = []
+    for stage in ORDER:
+        Stage(stage.name, stage.runs, lambda run, opts: seen.append(type(opts)) or {}, stage.what).apply(
+            SimpleNamespace(options=options))
+    assert seen == [TransformerOptions, ChannelsOptions, FoldBNOptions, WeightsOptions, PrecisionOptions,
+                    EncodeOptions]
+
+
+@pytest.mark.parametrize(("make", "needle"), [
+    (lambda: WeightsOptions(sparsity=1.5), "--sparsity 1.5 is out of range"),
+    (lambda: WeightsOptions(method="obs"), "--method 'obs' is unknown"),
+    (lambda: ChannelsOptions(channel_score="l3"), "--channel-score 'l3' is unknown"),
+    (lambda: ChannelsOptions(recover=True), "--recover refits layers after --channels"),
+    (lambda: TransformerOptions(heads=0.2, heads_per_layer=2), "exclusive"),
+    (lambda: EncodeOptions(rle_bits=0), "--rle-bits 0 is out of range"),
+])
+def test_each_recipe_validates_its_own_fields(make, needle):
+    with pytest.raises(sparsec.SparsecError, match=needle):
+        make()
+
+
+def test_plans_print_their_summary(tmp_path):
+    from models import GOLDEN
+    from sparsec.core.report import summary_table
+
+    plan = WeightsPlan("2:4", "magnitude", targets=5, skipped=4)
+    assert str(plan) == plan.summary() == "2:4 by magnitude on 5 weights, 4 layers left dense"
+    src = tmp_path / "resnet.onnx"
+    onnx.save(GOLDEN["resnet"](), src)
+    report = sparsec.compile(src, output=tmp_path / "o", channels=0.3, nm="2:4")
+    plans = {s["name"]: s["plan"] for s in report.steps}
+    removed = report.channels["removed"]
+    assert plans["channels"].startswith(f"remove {removed} of {report.channels['removable']} removable ")
+    assert plans["fold-bn"] == "fold 6 of 6 BatchNormalization, keep 0"
+    pruned = len({la.weight for la in report.layers if la.pattern == "2:4"})
+    assert plans["weights"].startswith(f"2:4 by magnitude on {pruned} weights")
+    assert plans["encode"].startswith(f"encode {pruned} tensors")
+    text = summary_table(report)
+    assert [line.split(":")[0] for line in text.splitlines() if line.startswith("step ")] == \
+        ["step channels", "step fold-bn", "step weights", "step encode"]
+    assert "step fold-bn: fold 6 of 6 BatchNormalization, keep 0; oracle vs before: max |diff|" in text
+
+
+def test_a_wrong_fold_is_refused_by_its_oracle(tmp_path, monkeypatch):
+    """A fold that changes the outputs (here: a folded weight scaled by 1.01 afterwards) must not be
+    written: the fold-bn step's own oracle compares it with the graph before it."""
+    from models import GOLDEN
+    from sparsec.channels.fold_bn import FoldBatchNormPass
+    from sparsec.recipes import steps
+
+    class SkewedFold(FoldBatchNormPass):
+        def run(self, ctx):
+            result = super().run(ctx)
+            conv = next(n for n in ctx.model.graph.node if n.op_type == "Conv")
+            tensor = next(t for t in ctx.model.graph.initializer if t.name == conv.input[1])
+            ctx.store.write(tensor, ctx.store.read(tensor) * 1.01)
+            return result
+
+    monkeypatch.setattr(steps, "FoldBatchNormPass", SkewedFold)
+    src = tmp_path / "resnet.onnx"
+    onnx.save(GOLDEN["resnet"](), src)
+    with pytest.raises(sparsec.SparsecError, match="BatchNorm folding changed the outputs"):
+        sparsec.compile(src, output=tmp_path / "o", channels=0.3, nm="2:4")
+    assert not (tmp_path / "o").exists()
+
+
+def test_ffn_keeps_its_channel_shaping_in_the_recipe(tmp_path, transformer_models):
+    """--ffn reads --round-to (a channels-stage option): recipe.yaml must carry it, or --recipe would
+    reproduce a different compile."""
+    from sparsec.recipes.recipe_file import read_recipe
+
+    src = tmp_path / "t.onnx"
+    onnx.save(transformer_models["dynamo"], src)
+    report = sparsec.compile(src, output=tmp_path / "o", ffn=0.25, round_to=8, shapes=SHAPES,
+                             calib_range={"input_ids": (0, 100)})
+    again = options_from(read_recipe(tmp_path / "o" / "recipe.yaml", STAGE_NAMES))
+    assert again.round_to == 8 and again.as_dict() == report.options
+    assert [s["name"] for s in report.steps] == ["transformer"]

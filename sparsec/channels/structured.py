@@ -16,7 +16,7 @@ from sparsec.channels.channel_state import ChannelAnalysis, ConsumerCut
 from sparsec.channels.compensation import Compensation, compute_compensation
 from sparsec.core.graph_index import GraphIndex
 from sparsec.core.layers import Layer, find_layers
-from sparsec.core.options import CompileOptions
+from sparsec.core.options import ChannelsOptions
 from sparsec.core.tensors import TensorStore
 from sparsec.runtime.calibrate import collect_stats
 from sparsec.runtime.observe import settled_dims
@@ -37,10 +37,12 @@ def consumer_layers(model: onnx.ModelProto, analysis: ChannelAnalysis) -> dict[s
     return {la.name: la for la in find_layers(model).layers if la.name in nodes}
 
 
-def plan_structured(model: onnx.ModelProto, store: TensorStore, options: CompileOptions,
-                    fixed: dict, settings=None, *, ratio: float | None = None,
-                    ops: tuple[str, ...] | None = None, score: str | None = None) -> StructuredPlan:
-    """Channels to remove; `ratio`/`ops`/`score` override the options (used for --ffn)."""
+def plan_structured(model: onnx.ModelProto, store: TensorStore, options: ChannelsOptions,
+                    fixed: dict, settings=None, *, seed: int = 0, ranges: dict | None = None,
+                    ratio: float | None = None, ops: tuple[str, ...] | None = None,
+                    score: str | None = None) -> StructuredPlan:
+    """Channels to remove; `ratio`/`ops`/`score` override the options (used for --ffn); `seed` and
+    `ranges` (--calib-range) draw the compensation's random inputs."""
     dims = settled_dims(model, store, fixed)
     shapes = {name: d for name, d in dims.items() if None not in d}
     analysis = analyse_channels(model, shapes, {name: len(d) for name, d in dims.items()}, store, dims)
@@ -55,8 +57,7 @@ def plan_structured(model: onnx.ModelProto, store: TensorStore, options: Compile
     scores, notes = filter_scores(model, store, analysis, score, energy)
     choice = choose_channels(analysis, scores, ratio if ratio is not None else options.channels or 0.0,
                              options.channels_per_layer_max, options.round_to, ops)
-    compensation = compute_compensation(model, store, analysis, choice.removed, fixed, options.seed,
-                                        options.calib_range)
+    compensation = compute_compensation(model, store, analysis, choice.removed, fixed, seed, ranges)
     recovery = _recover(model, store, analysis, consumers, choice, stats) if options.recover else {}
     return StructuredPlan(analysis, choice, compensation, notes, recovery)
 

@@ -1,21 +1,92 @@
-"""Compile options as frozen data, validated once with errors that name the option."""
+"""Compile options as frozen data: one typed, validated options class per recipe stage.
+
+Each recipe (weights, channels, fold-bn, transformer, precision, encode) declares its own frozen
+dataclass below, with its fields (`opt(...)`: default, help, how the CLI spells it) and its own checks
+in `__post_init__`; the shared settings and the per-invocation options are two more. CompileOptions,
+the flat view that the CLI, the API keywords, recipe files and report.json read, is generated from
+these classes' fields (no option is spelled twice) and holds one instance per recipe (`of(stage)`);
+the rules that span recipes live in one place, `_Compile.__post_init__`."""
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sparsec.errors import SparsecError
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
-CALIBRATED = ("wanda", "sparsegpt")
-PRECISIONS = ("fp32", "fp16", "bf16")
-GROUPS = ("output", "layer", "input")  # where N:M and magnitude scores compare
-FORMATS = ("dense", "bitmap", "rle", "coo", "csr", "csc", "nm_hw", "nm_rank")  # --encode's codecs
+
+class Choice(str, enum.Enum):
+    """A choice option's value: equal to its string, printed and JSON-encoded as it (Python 3.10's
+    str-mixin enum; recipe files and report.json write `.value`)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(str(m.value) for m in cls)
+
+    @classmethod
+    def parse(cls, value: Any, flag: str) -> Choice:
+        """The member named by `value`, or a one-line error naming the flag and the choices."""
+        try:
+            return cls(value.value if isinstance(value, Choice) else value)
+        except ValueError:
+            raise SparsecError(f"{flag} {value!r} is unknown", f"choose one of {', '.join(cls.values())}"
+                               ) from None
+
+
+class Method(Choice):
+    MAGNITUDE = "magnitude"
+    WANDA = "wanda"  # |W|·‖X‖
+    SPARSEGPT = "sparsegpt"  # second order, with weight update
+
+
+class Group(Choice):  # where N:M and magnitude scores compare
+    OUTPUT = "output"
+    LAYER = "layer"
+    INPUT = "input"
+
+
+class Precision(Choice):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class ChannelScore(Choice):
+    L1 = "l1"
+    L2 = "l2"
+    BN = "bn"  # BatchNorm |gamma|
+    ACT = "act"  # calibrated activation x outgoing weights
+
+
+class EncodeFormat(Choice):  # auto: the smallest codec per tensor; none: no weights.sparsec
+    AUTO = "auto"
+    NONE = "none"
+    DENSE = "dense"
+    BITMAP = "bitmap"
+    RLE = "rle"
+    COO = "coo"
+    CSR = "csr"
+    CSC = "csc"
+    NM_HW = "nm_hw"
+    NM_RANK = "nm_rank"
+
+
+METHODS = Method.values()
+CALIBRATED = (Method.WANDA.value, Method.SPARSEGPT.value)
+PRECISIONS = Precision.values()
+GROUPS = Group.values()
+FORMATS = EncodeFormat.values()[2:]  # --encode's codecs (without auto and none)
 
 
 @dataclass(frozen=True)
@@ -85,116 +156,279 @@ def _physical_memory() -> int:
 SETTINGS, RUN = "settings", "run"
 
 
-def opt(default: Any = None, *, stage: str, help: str, factory: Any = None, **cli: Any) -> Any:
-    """A declared option: its default, the stage it belongs to, its help text and how the CLI spells
-    it (`flag`, `metavar`, `choices`, `kind`: value | flag | pair | multi, `parse`: a value parser's
-    name in sparsec.recipes.PARSERS). The CLI options, the API keywords, the recipe file keys and
-    `as_dict` are all generated from these fields."""
-    meta = {"stage": stage, "help": help, **cli}
+def opt(default: Any = None, *, help: str, factory: Any = None, **cli: Any) -> Any:
+    """A declared option: its default, its help text and how the CLI spells it (`flag`, `metavar`,
+    `choices`: a Choice enum, `kind`: value | flag | pair | multi, `parse`: a value parser's name in
+    sparsec.recipes.PARSERS). Its stage is the recipe class that declares it. The CLI options, the API
+    keywords, the recipe file keys and `as_dict` are all generated from these fields."""
+    meta = {"help": help, **cli}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
 
 
-@dataclass(frozen=True)
-class CompileOptions:
-    """Everything `sparsec compile` can be asked to do: one declaration per option."""
+def flag_of(spec) -> str:
+    """The CLI flag of a declared field (errors name it; the API's wording turns it into `name=`)."""
+    return (spec.metadata.get("flag") or "--" + spec.name.replace("_", "-")).split("/")[-1]
 
-    # weights: N:M / unstructured sparsity of the remaining weights
-    nm: NMPattern | None = opt(stage="weights", metavar="N:M", parse="nm",
+
+class StageOptions:
+    """Base of the recipe option classes: parses the choice fields into their enums."""
+
+    stage: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for spec in fields(self):  # type: ignore[arg-type]
+            choices = spec.metadata.get("choices")
+            if choices is not None:
+                object.__setattr__(self, spec.name, choices.parse(getattr(self, spec.name), flag_of(spec)))
+        self.check()
+
+    def check(self) -> None:
+        """The recipe's own rules (one-line errors naming the flag)."""
+
+
+def _at_least(pairs, low: int) -> None:
+    for flag, value in pairs:
+        if value is not None and value < low:
+            raise SparsecError(f"{flag} {value} must be at least {low}")
+
+
+@dataclass(frozen=True)
+class WeightsOptions(StageOptions):
+    """weights: N:M / unstructured sparsity of the remaining weights."""
+
+    stage: ClassVar[str] = "weights"
+    nm: NMPattern | None = opt(metavar="N:M", parse="nm",
                                help="N:M pattern along the reduction axis, e.g. 2:4 or 4:8.")
-    sparsity: float | None = opt(stage="weights", metavar="S", help="Unstructured sparsity in [0, 1).")
-    method: str = opt("magnitude", stage="weights", choices=METHODS,
-                      help="Weight score: magnitude, wanda (|W|·‖X‖) or sparsegpt (second order with "
-                           "weight update); wanda and sparsegpt need calibration.")
-    group: str = opt("output", stage="weights", choices=GROUPS,
-                     help="Comparison group for unstructured pruning.")
-    include: str | None = opt(stage="weights", metavar="REGEX",
-                              help="Prune only layers whose node name matches.")
-    exclude: str | None = opt(stage="weights", metavar="REGEX",
-                              help="Leave layers whose node name matches dense.")
-    nm_everywhere: bool = opt(False, stage="weights", kind="flag",
+    sparsity: float | None = opt(metavar="S", help="Unstructured sparsity in [0, 1).")
+    method: Method = opt(Method.MAGNITUDE, choices=Method,
+                         help="Weight score: magnitude, wanda (|W|·‖X‖) or sparsegpt (second order with "
+                              "weight update); wanda and sparsegpt need calibration.")
+    group: Group = opt(Group.OUTPUT, choices=Group, help="Comparison group for unstructured pruning.")
+    include: str | None = opt(metavar="REGEX", help="Prune only layers whose node name matches.")
+    exclude: str | None = opt(metavar="REGEX", help="Leave layers whose node name matches dense.")
+    nm_everywhere: bool = opt(False, kind="flag",
                               help="Apply N:M also where TensorRT cannot use it (grouped/depthwise conv).")
-    min_params: int = opt(256, stage="weights", metavar="N", help="Leave layers with fewer weights dense.")
-    sequential: bool = opt(False, stage="weights", kind="flag",
+    min_params: int = opt(256, metavar="N", help="Leave layers with fewer weights dense.")
+    sequential: bool = opt(False, kind="flag",
                            help="Calibrate level by level with earlier layers already pruned.")
-    damp: float = opt(0.01, stage="weights", metavar="F",
+    damp: float = opt(0.01, metavar="F",
                       help="SparseGPT damping, as a fraction of the mean Hessian diagonal.")
-    block_size: int = opt(128, stage="weights", metavar="N", help="SparseGPT block size.")
-    owl: bool = opt(False, stage="weights", kind="flag",
-                    help="Outlier-weighed layerwise sparsity (unstructured only).")
-    owl_lambda: float = opt(0.08, stage="weights", metavar="L",
-                            help="OWL: layer sparsities stay within S ± L.")
-    owl_m: float = opt(5.0, stage="weights", metavar="M",
-                       help="OWL: a score above M times its layer's mean is an outlier.")
-    # channels: structured removal of whole channels
-    channels: float | None = opt(stage="channels", metavar="R",
+    block_size: int = opt(128, metavar="N", help="SparseGPT block size.")
+    owl: bool = opt(False, kind="flag", help="Outlier-weighed layerwise sparsity (unstructured only).")
+    owl_lambda: float = opt(0.08, metavar="L", help="OWL: layer sparsities stay within S ± L.")
+    owl_m: float = opt(5.0, metavar="M", help="OWL: a score above M times its layer's mean is an outlier.")
+
+    @property
+    def prunes_weights(self) -> bool:
+        return self.nm is not None or self.sparsity is not None
+
+    @property
+    def calibrated_method(self) -> bool:
+        return self.method in CALIBRATED
+
+    def check(self) -> None:
+        if self.nm is not None and self.sparsity is not None:
+            raise SparsecError("--nm and --sparsity are exclusive", "choose one pattern")
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+            raise SparsecError(f"--sparsity {self.sparsity} is out of range", "use 0 <= S < 1")
+        if self.min_params < 0:
+            raise SparsecError(f"--min-params {self.min_params} is negative")
+        _at_least((("--block-size", self.block_size),), 1)
+        for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise SparsecError(f"{flag} {pattern!r} is not a valid regex: {exc}") from None
+        if self.owl and self.nm is not None:
+            raise SparsecError("--owl sets a sparsity per layer; it works with --sparsity, not --nm")
+        if not 0.0 < self.damp < 1.0:
+            raise SparsecError(f"--damp {self.damp} is out of range", "use 0 < damp < 1, e.g. 0.01")
+        if not 0.0 <= self.owl_lambda < 0.5:
+            raise SparsecError(f"--owl-lambda {self.owl_lambda} is out of range", "use 0 <= λ < 0.5")
+        if self.owl_m <= 0:
+            raise SparsecError(f"--owl-m {self.owl_m} must be positive")
+
+
+@dataclass(frozen=True)
+class ChannelsOptions(StageOptions):
+    """channels: structured removal of whole channels."""
+
+    stage: ClassVar[str] = "channels"
+    channels: float | None = opt(metavar="R",
                                  help="Remove this fraction of the prunable channels (global ranking).")
-    channels_per_layer_max: float = opt(1.0, stage="channels", metavar="F",
+    channels_per_layer_max: float = opt(1.0, metavar="F",
                                         help="At most this fraction of any one layer's channels goes.")
-    channel_score: str = opt("l1", stage="channels", choices=("l1", "l2", "bn", "act"),
-                             help="Channel importance: filter norms, BatchNorm |gamma|, or calibrated "
-                                  "activation x outgoing weights.")
-    round_to: int = opt(1, stage="channels", metavar="K",
+    channel_score: ChannelScore = opt(ChannelScore.L1, choices=ChannelScore,
+                                      help="Channel importance: filter norms, BatchNorm |gamma|, or "
+                                           "calibrated activation x outgoing weights.")
+    round_to: int = opt(1, metavar="K",
                         help="Kept channel counts stay multiples of K (e.g. 8 for tensor cores).")
-    recover: bool = opt(False, stage="channels", kind="flag",
+    recover: bool = opt(False, kind="flag",
                         help="Refit consumers on the kept channels by least squares (needs calibration).")
-    # fold-bn
-    fold_bn: bool | None = opt(stage="fold-bn", kind="pair",  # None: on with --channels, else off
+
+    def check(self) -> None:
+        if self.recover and self.channels is None:
+            raise SparsecError("--recover refits layers after --channels; give --channels R")
+        if self.channels is not None and not 0.0 <= self.channels < 1.0:
+            raise SparsecError(f"--channels {self.channels} is out of range",
+                               "use 0 <= R < 1: the fraction of prunable channels to remove")
+        if not 0.0 < self.channels_per_layer_max <= 1.0:
+            raise SparsecError(f"--channels-per-layer-max {self.channels_per_layer_max} is out of range",
+                               "use 0 < max <= 1")
+        _at_least((("--round-to", self.round_to),), 1)
+
+
+@dataclass(frozen=True)
+class FoldBNOptions(StageOptions):
+    """fold-bn: BatchNormalization folded into the preceding layer."""
+
+    stage: ClassVar[str] = "fold-bn"
+    fold_bn: bool | None = opt(kind="pair",  # None: on with --channels, else off (CompileOptions.folds_bn)
                                help="Fold BatchNormalization into the preceding layer (default: on with "
                                     "--channels; before --nm/--sparsity; alone, a fold-only compile).")
-    # transformer: heads, FFN neurons, tokens
-    heads: float | None = opt(stage="transformer", metavar="R",
-                              help="Remove this fraction of attention heads (global ranking, one kept per "
-                                   "layer).")
-    heads_per_layer: int | None = opt(stage="transformer", metavar="N",
-                                      help="Keep exactly N heads in every layer.")
-    ffn: float | None = opt(stage="transformer", metavar="R", help="Remove this fraction of FFN neurons.")
-    tokens: float | None = opt(stage="transformer", metavar="KEEP",
+
+
+@dataclass(frozen=True)
+class TransformerOptions(StageOptions):
+    """transformer: attention heads, FFN neurons, tokens."""
+
+    stage: ClassVar[str] = "transformer"
+    heads: float | None = opt(metavar="R", help="Remove this fraction of attention heads (global ranking, "
+                                                "one kept per layer).")
+    heads_per_layer: int | None = opt(metavar="N", help="Keep exactly N heads in every layer.")
+    ffn: float | None = opt(metavar="R", help="Remove this fraction of FFN neurons.")
+    tokens: float | None = opt(metavar="KEEP",
                                help="Token pruning: later layers keep the top ceil(KEEP*L) tokens plus the "
                                     "first.")
-    tokens_from: int = opt(1, stage="transformer", metavar="LAYER",
+    tokens_from: int = opt(1, metavar="LAYER",
                            help="Score tokens with this layer's attention (1-based); later layers run "
                                 "pruned.")
-    # precision
-    precision: str = opt("fp32", stage="precision", choices=PRECISIONS,
-                         help="Convert the output model (TensorRT's sparse kernels need fp16/bf16).")
-    # encode
-    encode: str = opt("auto", stage="encode", choices=("auto", "none", *FORMATS),  # auto | a format | none
-                      help="Blob encoding of pruned weights in weights.sparsec (auto: smallest per tensor).")
-    rle_bits: int = opt(4, stage="encode", metavar="B", help="Run-length field width in bits.")
-    sparse_initializers: bool = opt(False, stage="encode", kind="flag",
+
+    @property
+    def runs(self) -> bool:
+        return any(v is not None for v in (self.heads, self.heads_per_layer, self.ffn, self.tokens))
+
+    def check(self) -> None:
+        for flag, value in (("--heads", self.heads), ("--ffn", self.ffn)):
+            if value is not None and not 0.0 <= value < 1.0:
+                raise SparsecError(f"{flag} {value} is out of range", "use 0 <= R < 1")
+        if self.tokens is not None and not 0.0 < self.tokens <= 1.0:
+            raise SparsecError(f"--tokens {self.tokens} is out of range", "use 0 < KEEP <= 1, e.g. 0.7")
+        _at_least((("--tokens-from", self.tokens_from), ("--heads-per-layer", self.heads_per_layer)), 1)
+        if self.heads is not None and self.heads_per_layer is not None:
+            raise SparsecError("--heads and --heads-per-layer are exclusive", "choose one")
+
+
+@dataclass(frozen=True)
+class PrecisionOptions(StageOptions):
+    """precision: fp16/bf16 conversion of the output model."""
+
+    stage: ClassVar[str] = "precision"
+    precision: Precision = opt(Precision.FP32, choices=Precision,
+                               help="Convert the output model (TensorRT's sparse kernels need fp16/bf16).")
+
+
+@dataclass(frozen=True)
+class EncodeOptions(StageOptions):
+    """encode: blob encoding of the pruned weights (weights.sparsec)."""
+
+    stage: ClassVar[str] = "encode"
+    encode: EncodeFormat = opt(EncodeFormat.AUTO, choices=EncodeFormat,
+                               help="Blob encoding of pruned weights in weights.sparsec (auto: smallest per "
+                                    "tensor).")
+    rle_bits: int = opt(4, metavar="B", help="Run-length field width in bits.")
+    sparse_initializers: bool = opt(False, kind="flag",
                                     help="Store pruned weights as ONNX sparse initializers (COO) in "
                                          "model.onnx.")
-    # settings shared by every stage
+
+    def check(self) -> None:
+        if not 1 <= self.rle_bits <= 16:
+            raise SparsecError(f"--rle-bits {self.rle_bits} is out of range", "use 1..16, e.g. 4")
+
+
+@dataclass(frozen=True)
+class SettingsOptions(StageOptions):
+    """Settings shared by every stage: shapes, calibration data, seed, verification."""
+
+    stage: ClassVar[str] = SETTINGS
     shapes: dict[str, tuple[int, ...]] = opt(
-        stage=SETTINGS, factory=dict, flag="--shape", kind="multi", parse="shapes",
-        metavar="NAME=d0,d1|NAME:d0xd1",
+        factory=dict, flag="--shape", kind="multi", parse="shapes", metavar="NAME=d0,d1|NAME:d0xd1",
         help="Fix an input's symbolic dims for verification and MAC counts (repeatable).")
-    calib: Any = opt(stage=SETTINGS, metavar="FILE.npz|DIR", parse="path",  # or a reader with get_next()
+    calib: Any = opt(metavar="FILE.npz|DIR", parse="path",  # or a reader with get_next()
                      help="Calibration data: arrays keyed by input name, axis 0 = samples.")
-    calib_random: int | None = opt(stage=SETTINGS, metavar="N",
-                                   help="Draw N calibration samples from the input spec.")
+    calib_random: int | None = opt(metavar="N", help="Draw N calibration samples from the input spec.")
     calib_range: dict[str, tuple[float, float]] = opt(
-        stage=SETTINGS, factory=dict, kind="multi", parse="ranges", metavar="NAME=lo,hi",
+        factory=dict, kind="multi", parse="ranges", metavar="NAME=lo,hi",
         help="Value range [lo, hi) of a random input for --calib-random and for verification without "
              "--calib, e.g. input_ids=0,30522 (repeatable).")
-    calib_samples: int | None = opt(stage=SETTINGS, metavar="N", help="Use the first N calibration samples.")
-    batch: int = opt(8, stage=SETTINGS, metavar="B", help="Calibration batch size.")
-    providers: tuple[str, ...] = opt(("cpu",), stage=SETTINGS, parse="providers", metavar="LIST",
+    calib_samples: int | None = opt(metavar="N", help="Use the first N calibration samples.")
+    batch: int = opt(8, metavar="B", help="Calibration batch size.")
+    # providers stay strings: onnxruntime's set depends on the build (resolve_providers checks them)
+    providers: tuple[str, ...] = opt(("cpu",), parse="providers", metavar="LIST",
                                      help="onnxruntime execution providers for calibration, e.g. cuda,cpu.")
-    verify: bool = opt(True, stage=SETTINGS, kind="negated", flag="--no-verify",
+    verify: bool = opt(True, kind="negated", flag="--no-verify",
                        help="Skip the onnxruntime comparison with the dense model.")
-    seed: int = opt(0, stage=SETTINGS, metavar="N", help="Seed of the random inputs.")
-    # per invocation
-    force: bool = opt(False, stage=RUN, kind="flag",
-                      help="Overwrite the output directory (one sparsec wrote).")
-    quiet: bool = opt(False, stage=RUN, kind="flag", flag="-q/--quiet", help="No progress bar.")
+    seed: int = opt(0, metavar="N", help="Seed of the random inputs.")
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calib is not None or self.calib_random is not None
+
+    def check(self) -> None:
+        if self.calib is not None and self.calib_random is not None:
+            raise SparsecError("--calib and --calib-random are exclusive", "choose one data source")
+        _at_least((("--calib-random", self.calib_random), ("--calib-samples", self.calib_samples),
+                   ("--batch", self.batch)), 1)
+        if self.seed < 0:
+            raise SparsecError(f"--seed {self.seed} is negative", "use a seed >= 0")
+
+
+@dataclass(frozen=True)
+class RunOptions(StageOptions):
+    """Per invocation: never written to a recipe file."""
+
+    stage: ClassVar[str] = RUN
+    force: bool = opt(False, kind="flag", help="Overwrite the output directory (one sparsec wrote).")
+    quiet: bool = opt(False, kind="flag", flag="-q/--quiet", help="No progress bar.")
+
+
+# in declaration order (as --help and the docstring list them); recipes.ORDER fixes the run order
+RECIPE_OPTIONS: tuple[type[StageOptions], ...] = (
+    WeightsOptions, ChannelsOptions, FoldBNOptions, TransformerOptions, PrecisionOptions, EncodeOptions,
+    SettingsOptions, RunOptions)
+
+
+class _Compile:
+    """The flat view's behaviour: one instance per recipe, and the rules that span recipes."""
+
+    def __post_init__(self) -> None:
+        if self.nm is not None and (self.channels is not None or self.ffn is not None) and self.round_to == 1:
+            object.__setattr__(self, "round_to", self.nm.m)  # kept widths stay N:M-able for the weights stage
+        parts = {}
+        for cls in RECIPE_OPTIONS:
+            part = cls(**{f.name: getattr(self, f.name) for f in fields(cls)})
+            for f in fields(cls):  # the parsed values (enums) in the flat view too
+                object.__setattr__(self, f.name, getattr(part, f.name))
+            parts[cls.stage] = part
+        object.__setattr__(self, "_parts", parts)
+        self._check_across()
+
+    def of(self, stage: str) -> Any:
+        """The options object of one recipe stage (or SETTINGS / RUN): only its own fields."""
+        return self._parts[stage]
+
+    def ffn_channels(self) -> ChannelsOptions:
+        """--ffn is the transformer's channel removal: its ratio, shaped by the channels stage's
+        --round-to and --channels-per-layer-max (the one option input a stage takes from another)."""
+        return ChannelsOptions(channels=self.ffn, channels_per_layer_max=self.channels_per_layer_max,
+                               round_to=self.round_to)
 
     @property
     def transformer(self) -> bool:
-        return (self.heads is not None or self.heads_per_layer is not None or self.ffn is not None
-                or self.tokens is not None)
+        return self.of("transformer").runs
 
     @property
     def structured(self) -> bool:
@@ -207,126 +441,42 @@ class CompileOptions:
     @property
     def prunes_weights(self) -> bool:
         """False for a compile that only folds BatchNorm (--fold-bn without --nm/--sparsity)."""
-        return self.nm is not None or self.sparsity is not None
+        return self.of("weights").prunes_weights
 
     @property
     def calibrated(self) -> bool:
-        return self.calib is not None or self.calib_random is not None
+        return self.of(SETTINGS).calibrated
 
-    def __post_init__(self) -> None:
-        if self.nm is not None and (self.channels is not None or self.ffn is not None) and self.round_to == 1:
-            object.__setattr__(self, "round_to", self.nm.m)  # kept widths stay N:M-able for the weights stage
-        self._check_pattern()
-        self._check_calibration()
-
-    def _check_calibration(self) -> None:
-        if self.calib is not None and self.calib_random is not None:
-            raise SparsecError("--calib and --calib-random are exclusive", "choose one data source")
-        for flag, value in (("--calib-random", self.calib_random), ("--calib-samples", self.calib_samples),
-                            ("--batch", self.batch), ("--block-size", self.block_size)):
-            if value is not None and value < 1:
-                raise SparsecError(f"{flag} {value} must be at least 1")
+    def _check_across(self) -> None:
+        """Rules between recipes: exclusive stages, what needs calibration, something to do."""
+        if self.transformer and self.channels is not None:
+            raise SparsecError("--channels and --heads/--ffn/--tokens are exclusive",
+                               "in a transformer --ffn removes the removable channels; use --ffn R")
+        if not self.prunes_weights and not self.fold_bn and not self.structured:
+            raise SparsecError("nothing to do: give --nm N:M, --sparsity S, --channels R or --fold-bn")
         needs = [f"--method {self.method}"] if self.method in CALIBRATED and self.prunes_weights else []
         needs += ["--owl"] if self.owl else []
         needs += ["--sequential"] if self.sequential else []
         if needs and not self.calibrated:
             raise SparsecError(f"{' and '.join(needs)} needs calibration data",
                                "give --calib FILE.npz|DIR or --calib-random N")
-        if self.owl and self.nm is not None:
-            raise SparsecError("--owl sets a sparsity per layer; it works with --sparsity, not --nm")
-        if not 0.0 < self.damp < 1.0:
-            raise SparsecError(f"--damp {self.damp} is out of range", "use 0 < damp < 1, e.g. 0.01")
-        if not 0.0 <= self.owl_lambda < 0.5:
-            raise SparsecError(f"--owl-lambda {self.owl_lambda} is out of range", "use 0 <= λ < 0.5")
-        if self.owl_m <= 0:
-            raise SparsecError(f"--owl-m {self.owl_m} must be positive")
-
-    def _check_transformer(self) -> None:
-        for flag, value in (("--heads", self.heads), ("--ffn", self.ffn)):
-            if value is not None and not 0.0 <= value < 1.0:
-                raise SparsecError(f"{flag} {value} is out of range", "use 0 <= R < 1")
-        if self.tokens is not None and not 0.0 < self.tokens <= 1.0:
-            raise SparsecError(f"--tokens {self.tokens} is out of range", "use 0 < KEEP <= 1, e.g. 0.7")
-        if self.tokens_from < 1:
-            raise SparsecError(f"--tokens-from {self.tokens_from} must be at least 1")
-        if self.heads_per_layer is not None and self.heads_per_layer < 1:
-            raise SparsecError(f"--heads-per-layer {self.heads_per_layer} must be at least 1")
-        if self.heads is not None and self.heads_per_layer is not None:
-            raise SparsecError("--heads and --heads-per-layer are exclusive", "choose one")
-        if self.channels is not None:
-            raise SparsecError("--channels and --heads/--ffn/--tokens are exclusive",
-                               "in a transformer --ffn removes the removable channels; use --ffn R")
-
-    def _check_channels(self) -> None:
-        if self.transformer:
-            self._check_transformer()
-            return
-        if self.channels is None:
-            if self.recover:
-                raise SparsecError("--recover refits layers after --channels; give --channels R")
-            return
-        if not 0.0 <= self.channels < 1.0:
-            raise SparsecError(f"--channels {self.channels} is out of range",
-                               "use 0 <= R < 1: the fraction of prunable channels to remove")
-        if not 0.0 < self.channels_per_layer_max <= 1.0:
-            raise SparsecError(f"--channels-per-layer-max {self.channels_per_layer_max} is out of range",
-                               "use 0 < max <= 1")
-        if self.channel_score not in ("l1", "l2", "bn", "act"):
-            raise SparsecError(f"--channel-score {self.channel_score!r} is unknown",
-                               "choose l1, l2, bn or act")
-        if self.round_to < 1:
-            raise SparsecError(f"--round-to {self.round_to} must be at least 1")
-        if (self.channel_score == "act" or self.recover) and not self.calibrated:
+        act = self.channel_score == "act" or self.recover
+        if self.channels is not None and act and not self.calibrated:
             raise SparsecError("--channel-score act and --recover need calibration data",
                                "give --calib FILE.npz|DIR or --calib-random N")
-
-    def _check_encoding(self) -> None:
-        if self.encode not in ("auto", "none", *FORMATS):
-            raise SparsecError(f"--encode {self.encode!r} is unknown",
-                               f"choose auto, none or one of {', '.join(FORMATS)}")
-        if not 1 <= self.rle_bits <= 16:
-            raise SparsecError(f"--rle-bits {self.rle_bits} is out of range", "use 1..16, e.g. 4")
         if self.sparse_initializers and not self.prunes_weights:
             raise SparsecError("--sparse-initializers stores pruned weights; structured pruning leaves "
                                "none", "use it with --nm or --sparsity")
 
-    def _check_pattern(self) -> None:
-        self._check_encoding()
-        self._check_channels()
-        if self.nm is None and self.sparsity is None and not self.fold_bn and not self.structured:
-            raise SparsecError("nothing to do: give --nm N:M, --sparsity S, --channels R or --fold-bn")
-        if self.nm is not None and self.sparsity is not None:
-            raise SparsecError("--nm and --sparsity are exclusive", "choose one pattern")
-        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
-            raise SparsecError(f"--sparsity {self.sparsity} is out of range", "use 0 <= S < 1")
-        if self.method not in METHODS:
-            raise SparsecError(f"--method {self.method!r} is not available",
-                               f"choose one of {', '.join(METHODS)}")
-        if self.group not in GROUPS:
-            raise SparsecError(f"--group {self.group!r} is unknown", f"choose one of {', '.join(GROUPS)}")
-        if self.precision not in PRECISIONS:
-            raise SparsecError(f"--precision {self.precision!r} is unknown",
-                               f"choose one of {', '.join(PRECISIONS)}")
-        if self.seed < 0:
-            raise SparsecError(f"--seed {self.seed} is negative", "use a seed >= 0")
-        if self.min_params < 0:
-            raise SparsecError(f"--min-params {self.min_params} is negative")
-        for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise SparsecError(f"{flag} {pattern!r} is not a valid regex: {exc}") from None
-
     def as_dict(self) -> dict:
         """Every option as applied (report.json's `options`), per-invocation ones left out."""
-        return {f.name: self.value_of(f.name) for f in fields(self) if f.metadata["stage"] != RUN}
+        return {f.name: self.value_of(f.name) for f in declared() if f.metadata["stage"] != RUN}
 
     def value_of(self, name: str) -> Any:
         """One option's value as plain data (strings, numbers, lists), as report.json and recipe files
         write it."""
         value = self.folds_bn if name == "fold_bn" else getattr(self, name)
-        if isinstance(value, NMPattern):
+        if isinstance(value, NMPattern | Choice):
             return str(value)
         if isinstance(value, dict):
             return {k: list(v) for k, v in value.items()}
@@ -335,6 +485,24 @@ class CompileOptions:
         if name == "calib" and value is not None:
             return str(value) if isinstance(value, str | Path) else type(value).__name__
         return value
+
+
+def _flat_fields() -> list[tuple[str, Any, Any]]:
+    """The recipe classes' fields, each tagged with its stage: CompileOptions' fields."""
+    flat = []
+    for cls in RECIPE_OPTIONS:
+        for f in fields(cls):
+            meta = {**f.metadata, "stage": cls.stage}
+            spec = field(default_factory=f.default_factory, metadata=meta) \
+                if f.default_factory is not MISSING else field(default=f.default, metadata=meta)
+            flat.append((f.name, f.type, spec))
+    return flat
+
+
+CompileOptions = make_dataclass("CompileOptions", _flat_fields(), bases=(_Compile,), frozen=True)
+CompileOptions.__module__ = __name__
+CompileOptions.__doc__ = ("Everything `sparsec compile` can be asked to do, flat (generated from the recipe "
+                          "option classes; `of(stage)` gives one recipe's options object).")
 
 
 def declared(stage: str | None = None) -> list:

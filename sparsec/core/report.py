@@ -129,6 +129,7 @@ def summary_table(report: Report) -> str:
                      f"({formats}) in {report.encoding['container']}")
     elif report.encoding:
         lines.append(f"encoding: {report.encoding.get('skipped')}")
+    lines += _step_lines(report.steps)
     lines += _verify_lines(report.verify)
     if report.output:
         lines.append(f"wrote {report.output}")
@@ -159,6 +160,23 @@ def _structured_lines(report: Report) -> list[str]:
         lines.append(f"fold-bn: folded {len(p.get('folded', []))} BatchNormalization, "
                      f"kept {len(p.get('kept', []))}")
         lines += [f"kept BatchNormalization {bn}: {why}" for bn, why in p.get("kept", [])]
+    return lines
+
+
+def _step_lines(steps: list[dict]) -> list[str]:
+    """One line per recipe step: its plan and its own oracle (against the graph before the step)."""
+    lines = []
+    for s in steps:
+        o = s.get("oracle")
+        if not o:
+            check = ""
+        elif "skipped" in o:
+            check = f"; oracle skipped: {o['skipped']}"
+        elif "cosine" in o:
+            check = f"; oracle vs before: max |diff| {o['max_abs_diff']:.3g}, cosine {o['cosine']:.4f}"
+        else:
+            check = f"; oracle vs before, masked: max |diff| {o['max_abs_diff']:.3g}"
+        lines.append(f"step {s['name']}: {s['plan']}{check}")
     return lines
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass
+from typing import Any
 
-from sparsec.core.options import RUN, SETTINGS, CompileOptions, NMPattern, declared, parse_shapes
+from sparsec.core.options import RUN, SETTINGS, Choice, CompileOptions, NMPattern, declared, parse_shapes
 from sparsec.errors import SparsecError
 from sparsec.recipes.compile_run import CompileRun
 from sparsec.recipes.steps import (
@@ -29,8 +30,12 @@ class Stage:
 
     name: str
     runs: Callable[[CompileOptions], bool]
-    step: Callable[[CompileRun], dict]
+    step: Callable[[CompileRun, Any], dict]  # (the run, this stage's own options object) -> steps[] entry
     what: str
+
+    def apply(self, run: CompileRun) -> dict:
+        """Run this stage's step with only its own options (CompileOptions.of(name))."""
+        return self.step(run, run.options.of(self.name))
 
 
 ORDER: tuple[Stage, ...] = (
@@ -100,11 +105,23 @@ def recipe_of(options: CompileOptions) -> dict:
         stages.append({stage.name: values})
     if options.fold_bn is False and options.channels is not None:  # the default would fold again
         stages.insert(1, {"fold-bn": {"fold_bn": False}})
+    shaping = _ffn_shaping(options)
+    if shaping:  # --ffn reads --round-to/--channels-per-layer-max, which belong to the channels stage
+        stages.insert(1, {"channels": shaping})
     settings = {f.name: options.value_of(f.name) for f in declared(SETTINGS)}
     if settings.get("calib") is not None and not isinstance(options.calib, str | type(None)) \
             and not hasattr(options.calib, "__fspath__"):
         settings["calib"] = None  # a reader object cannot be written; the recipe then needs --calib
     return {"stages": stages, "settings": settings}
+
+
+def _ffn_shaping(options: CompileOptions) -> dict:
+    """The channels-stage options an --ffn compile was given beyond their defaults (the transformer's
+    FFN removal reads them; the channels stage itself does not run)."""
+    if options.ffn is None:
+        return {}
+    derived = {"round_to": options.nm.m if options.nm is not None else 1, "channels_per_layer_max": 1.0}
+    return {k: options.value_of(k) for k, v in derived.items() if options.value_of(k) != v}
 
 
 def options_doc() -> str:
@@ -115,7 +132,8 @@ def options_doc() -> str:
         for f in declared(stage):
             default = f.default_factory() if f.default_factory is not MISSING else f.default
             choices = f.metadata.get("choices")
-            kind = "|".join(choices) if choices else f.type
+            kind = "|".join(choices.values()) if choices else f.type
+            default = str(default) if isinstance(default, Choice) else default
             lines.append(f"        {f.name} ({kind}, default {default!r}): {f.metadata['help']}")
     return "\n".join(lines)
 

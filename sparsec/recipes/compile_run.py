@@ -12,9 +12,10 @@ import onnx
 
 from sparsec.core.layers import LayerAnalysis, Skipped, find_layers
 from sparsec.core.macs import all_layer_macs
-from sparsec.core.options import CompileOptions
+from sparsec.core.options import SETTINGS, CompileOptions, NMPattern, SettingsOptions
 from sparsec.core.pipeline import PassContext, PassResult, Pipeline
 from sparsec.core.tensors import inline_copy
+from sparsec.recipes.step_oracle import StepOracle
 from sparsec.runtime.calib_data import input_specs, open_calibration
 from sparsec.runtime.calibrate import CalibrationSettings
 from sparsec.runtime.observe import layer_shapes
@@ -48,13 +49,23 @@ class CompileRun:
     weights: Analysed | None = None  # what the weights stage analysed (the graph it pruned)
     targets: list[PruneTarget] = field(default_factory=list)  # the weights it pruned
     nothing: str | None = None  # the weights stage's one line when it had nothing to prune
+    nm: NMPattern | None = None  # the pattern the weights stage pruned to (precision keeps it)
     masked_oracle: dict | None = None
     encoding: dict | None = None
     blobs: dict = field(default_factory=dict)
+    oracle: StepOracle = field(init=False)  # the non-structural steps' before/after runs
+
+    def __post_init__(self) -> None:
+        self.oracle = StepOracle(self.fixed, self.shared.seed, self.shared.calib_range)
+
+    @property
+    def shared(self) -> SettingsOptions:
+        """The settings every stage shares (shapes, calibration data, seed, verification)."""
+        return self.options.of(SETTINGS)
 
     def calibration(self) -> CalibrationSettings | None:
         """The calibration data, opened and validated against the inputs on first use (None without)."""
-        opts = self.options
+        opts = self.shared
         if self.settings is None and opts.calibrated:
             reader = None if isinstance(opts.calib, str | Path | None) else opts.calib
             data = open_calibration(
@@ -63,7 +74,7 @@ class CompileRun:
                 samples=opts.calib_samples, seed=opts.seed)
             self.settings = CalibrationSettings(data=data, batch=opts.batch,
                                                 providers=tuple(resolve_providers(opts.providers)),
-                                                progress=False if opts.quiet else None,
+                                                progress=False if self.options.quiet else None,
                                                 fixed_shapes=self.fixed)
         return self.settings
 

@@ -1,18 +1,42 @@
-"""Each recipe stage: plan on the current graph, run its passes, check its own oracle. The compiler
-calls them in sparsec.recipes.ORDER; each returns its `steps[]` entry for the report."""
+"""Each recipe stage: plan on the current graph (a typed plan, sparsec.recipes.step_plans), run its
+passes, check its own oracle. The compiler calls them in sparsec.recipes.ORDER, each with only its own
+options object (sparsec.core.options: WeightsOptions, ChannelsOptions, ...; the shared settings are
+`run.shared`); each returns its `steps[]` entry for the report."""
 
 from __future__ import annotations
 
 import time
+
+from onnxconverter_common import float16
 
 from sparsec.channels.fold_bn import FoldBatchNormPass
 from sparsec.channels.prune_channels import PruneChannelsPass
 from sparsec.channels.structured import plan_structured
 from sparsec.channels.structured_report import verify_masked
 from sparsec.core.graph import TWO_GB
+from sparsec.core.options import (
+    ChannelsOptions,
+    EncodeOptions,
+    FoldBNOptions,
+    PrecisionOptions,
+    TransformerOptions,
+    WeightsOptions,
+)
 from sparsec.core.output import CONTAINER, SKELETON
 from sparsec.encoding.blobs import encode_weights
+from sparsec.errors import SparsecError
 from sparsec.recipes.compile_run import CompileRun
+from sparsec.recipes.step_oracle import FOLD_RTOL
+from sparsec.recipes.step_plans import (
+    ChannelsPlan,
+    EncodePlan,
+    FoldBNPlan,
+    PrecisionPlan,
+    StepPlan,
+    TransformerStepPlan,
+    WeightsPlan,
+)
+from sparsec.runtime.precision import lowp_unsupported_ops
 from sparsec.runtime.precision_pass import PrecisionPass
 from sparsec.transformer.transformer_compile import plan_transformer
 from sparsec.weights.calibrate_pass import CalibratePass
@@ -23,77 +47,121 @@ from sparsec.weights.selection import depth_levels, nothing_pruned
 from sparsec.weights.sparsegpt_pass import SparseGPTPass
 
 
-def _entry(name: str, plan: str, results, oracle: dict | None = None, **extra) -> dict:
-    return {"name": name, "plan": plan, "passes": [r.name for r in results],
+def _entry(name: str, plan: StepPlan, results, oracle: dict | None = None, **extra) -> dict:
+    return {"name": name, "plan": str(plan), "passes": [r.name for r in results],
             "modified": any(r.modified for r in results), "oracle": oracle, **extra}
 
 
-def _oracle(run: CompileRun, masked) -> dict | None:
+def _timed(run: CompileRun, check):
+    start = time.perf_counter()
+    try:
+        return check()
+    finally:
+        run.timings["verify_s"] = run.timings.get("verify_s", 0.0) + time.perf_counter() - start
+
+
+def _masked_oracle(run: CompileRun, masked, recovered: bool = False) -> dict | None:
     """The structural step's oracle: the graph right after the step against the graph before it
     with the removed parts masked to zero (later stages do not blur it)."""
-    if masked is None or not run.options.verify:
+    run.oracle.forget()  # the next step's reference is the graph this step left
+    if masked is None or not run.shared.verify:
         return None
-    start = time.perf_counter()
-    opts = run.options
-    result = verify_masked(masked, run.snapshot(), run.fixed, opts.seed, opts.recover, opts.calib_range)
-    run.timings["verify_s"] = run.timings.get("verify_s", 0.0) + time.perf_counter() - start
+    shared = run.shared
+    result = _timed(run, lambda: verify_masked(masked, run.snapshot(), run.fixed, shared.seed, recovered,
+                                               shared.calib_range))
     run.masked_oracle = result
     return {"max_abs_diff": result["max_abs_diff"], "against": "the graph before this step, masked"}
 
 
-def transformer_step(run: CompileRun) -> dict:
+def _step_oracle(run: CompileRun, passes: list) -> tuple[list, dict | None]:
+    """Run a non-structural step's passes between two onnxruntime runs of the graph on the same
+    inputs: before (the previous step's outputs when it left them) and after."""
+    if not run.shared.verify:
+        return run.run_passes(passes), None
+    before = _timed(run, lambda: run.oracle.before(run.snapshot))
+    results = run.run_passes(passes)
+    if not any(r.modified for r in results):
+        return results, {"max_abs_diff": 0.0, "cosine": 1.0, "against": "unchanged: no pass modified it"}
+    return results, _timed(run, lambda: run.oracle.check(before, run.snapshot()))
+
+
+def transformer_step(run: CompileRun, opts: TransformerOptions) -> dict:
     """Heads, FFN neurons and tokens (sparsec.transformer)."""
     before = run.analyse()
     start = time.perf_counter()
-    plan = plan_transformer(run.ctx.model, run.ctx.store, run.options, run.fixed, run.calibration())
+    plan = plan_transformer(run.ctx.model, run.ctx.store, opts, run.fixed, run.calibration(),
+                            ffn_shape=run.options.ffn_channels(), seed=run.shared.seed,
+                            ranges=run.shared.calib_range)
     masked = plan.masked(run.ctx.model, run.ctx.store)
     run.timings["analyze_s"] += time.perf_counter() - start
     results = run.run_passes(plan.passes())
     run.structural = ("transformer", plan, before, run.ctx.model)
-    removed = sum(len(v) for v in plan.heads.removed.values()) if plan.heads else 0
-    ffn = len(plan.ffn.choice.removed) if plan.ffn else 0
-    summary = f"remove {removed} heads, {ffn} FFN channels" + (
-        f", keep {plan.tokens[0]} of the tokens after layer {plan.tokens[1]}" if plan.tokens else "")
-    return _entry("transformer", summary, results, _oracle(run, masked))
+    typed = TransformerStepPlan(
+        blocks=len(plan.blocks),
+        heads_removed=sum(len(v) for v in plan.heads.removed.values()) if plan.heads else 0,
+        ffn_removed=len(plan.ffn.choice.removed) if plan.ffn else 0, tokens=plan.tokens)
+    nothing = None if any(r.modified for r in results) else (
+        "nothing removed: every head, FFN neuron and token was kept" if plan.blocks
+        else "nothing removed: no attention block or FFN found")
+    return _entry("transformer", typed, results, _masked_oracle(run, masked), nothing=nothing)
 
 
-def channels_step(run: CompileRun) -> dict:
+def channels_step(run: CompileRun, opts: ChannelsOptions) -> dict:
     """Whole channels, with bias compensation or recovery (sparsec.channels)."""
     before = run.analyse()
-    opts = run.options
     start = time.perf_counter()
-    plan = plan_structured(run.ctx.model, run.ctx.store, opts, run.fixed, run.calibration())
+    plan = plan_structured(run.ctx.model, run.ctx.store, opts, run.fixed, run.calibration(),
+                           seed=run.shared.seed, ranges=run.shared.calib_range)
     run.timings["analyze_s"] += time.perf_counter() - start
     results = run.run_passes([PruneChannelsPass(plan.analysis, plan.choice.removed,
                                                 {} if opts.recover else plan.compensation.constants,
                                                 plan.recovery)])
     run.structural = ("channels", plan, before, run.ctx.model)
-    groups = len({int(plan.analysis.root[e]) for e in plan.choice.removed})
-    return _entry("channels", f"remove {groups} channel groups ({len(plan.choice.removed)} channels)",
-                  results, _oracle(run, plan.compensation.masked))
+    analysis = plan.analysis
+    typed = ChannelsPlan(removed=len({int(analysis.root[e]) for e in plan.choice.removed}),
+                         removable=len([c for c in analysis.classes() if c not in analysis.untouchable]),
+                         elements=len(plan.choice.removed))
+    reasons = list(analysis.untouchable.values())
+    nothing = None if any(r.modified for r in results) else (
+        "nothing removed: every channel group is kept whole"
+        + (f" ({len(reasons)} groups, first reason: {reasons[0]})" if reasons else ""))
+    return _entry("channels", typed, results, _masked_oracle(run, plan.compensation.masked, opts.recover),
+                  nothing=nothing)
 
 
-def fold_bn_step(run: CompileRun) -> dict:
-    """BatchNormalization folded into its producer: exact, so its check is the final comparison."""
-    results = run.run_passes([FoldBatchNormPass()])
-    return _entry("fold-bn", f"fold {len(results[0].details.get('folded') or [])} BatchNormalization",
-                  results)
+def fold_bn_step(run: CompileRun, opts: FoldBNOptions) -> dict:
+    """BatchNormalization folded into its producer; its oracle: the graph after folding equals the
+    graph before it within FOLD_RTOL (relative to max(|output|, 1)), or nothing is written."""
+    results, oracle = _step_oracle(run, [FoldBatchNormPass()])
+    details = results[0].details
+    folded, kept = details.get("folded") or [], details.get("kept") or []
+    if oracle is not None and "max_rel_diff" in oracle:
+        oracle["tolerance"] = FOLD_RTOL
+        if oracle["max_rel_diff"] > FOLD_RTOL:
+            raise SparsecError(f"BatchNorm folding changed the outputs by {oracle['max_rel_diff']:.3g} "
+                               f"(relative, more than {FOLD_RTOL:g})",
+                               "nothing was written; compile with --no-fold-bn and report this model")
+    plan = FoldBNPlan(batchnorms=len(folded) + len(kept), fold=len(folded), kept=list(kept))
+    nothing = None if folded else "nothing folded: " + (
+        f"{len(kept)} BatchNormalization kept, first: {kept[0][0]}: {kept[0][1]}" if kept
+        else "the model has no BatchNormalization")
+    return _entry("fold-bn", plan, results, oracle, nothing=nothing)
 
 
-def weights_step(run: CompileRun) -> dict:
+def weights_step(run: CompileRun, opts: WeightsOptions) -> dict:
     """N:M or unstructured sparsity chosen on the graph as the earlier stages left it."""
-    opts = run.options
     found = run.analyse()
-    run.weights, run.targets = found, found.targets
+    run.weights, run.targets, run.nm = found, found.targets, opts.nm
     run.nothing = nothing_pruned(found.analysis, found.targets, found.skipped)
     settings = run.calibration() if not run.nothing else None
-    results = run.run_passes(weight_passes(opts, found.targets, run.ctx.model, settings))
     pattern = str(opts.nm) if opts.nm is not None else f"unstructured {opts.sparsity}"
-    return _entry("weights", f"{pattern} by {opts.method} on {len(found.targets)} weights", results,
-                  nothing=run.nothing)
+    plan = WeightsPlan(pattern, str(opts.method), len(found.targets),
+                       len({(s.name, s.weight) for s in found.skipped}), opts.owl)
+    results, oracle = _step_oracle(run, weight_passes(opts, found.targets, run.ctx.model, settings))
+    return _entry("weights", plan, results, oracle, nothing=run.nothing)
 
 
-def weight_passes(options, targets, model, settings) -> list:
+def weight_passes(options: WeightsOptions, targets, model, settings) -> list:
     """Calibration, OWL and pruning passes of the weights stage, level by level with --sequential."""
     passes: list = []
     gram = options.method == "sparsegpt"
@@ -114,24 +182,31 @@ def weight_passes(options, targets, model, settings) -> list:
     return passes
 
 
-def precision_step(run: CompileRun) -> dict:
-    """fp16/bf16 conversion; the N:M pattern must survive it."""
-    passes: list = [PrecisionPass(run.options.precision)]
-    if run.options.nm is not None and run.targets:
-        passes.append(CheckPatternPass(run.targets, run.options.nm))  # conversion must keep the zeros
-    return _entry("precision", f"convert to {run.options.precision}", run.run_passes(passes))
+def precision_step(run: CompileRun, opts: PrecisionOptions) -> dict:
+    """fp16/bf16 conversion; the N:M pattern the weights step left must survive it. Its oracle: the
+    fp32 graph before conversion against the converted one (the drift)."""
+    model = run.ctx.model
+    blocked = set(float16.DEFAULT_OP_BLOCK_LIST) | set(lowp_unsupported_ops(model, opts.precision))
+    plan = PrecisionPlan(str(opts.precision), sum(n.op_type in blocked for n in model.graph.node),
+                         len(model.graph.node))
+    passes: list = [PrecisionPass(opts.precision)]
+    if run.nm is not None and run.targets:
+        passes.append(CheckPatternPass(run.targets, run.nm))  # conversion must keep the zeros
+    results, oracle = _step_oracle(run, passes)
+    return _entry("precision", plan, results, oracle)
 
 
-def encode_step(run: CompileRun) -> dict:
+def encode_step(run: CompileRun, opts: EncodeOptions) -> dict:
     """Each pruned weight in its smallest encoding, for weights.sparsec (written with model.onnx)."""
-    run.encoding, run.blobs = encoding_section(run)
-    why = run.encoding.get("skipped")
-    return _entry("encode", why or f"{run.encoding['totals']['tensors']} tensors", [])
+    run.encoding, run.blobs = encoding_section(run, opts)
+    totals = run.encoding.get("totals") or {}
+    plan = EncodePlan(totals.get("tensors", 0), dict(totals.get("formats", {})), run.encoding.get("skipped"))
+    return _entry("encode", plan, [])
 
 
-def encoding_section(run: CompileRun) -> tuple[dict, dict]:
-    opts, ctx = run.options, run.ctx
-    if not opts.prunes_weights:
+def encoding_section(run: CompileRun, opts: EncodeOptions) -> tuple[dict, dict]:
+    ctx = run.ctx
+    if run.weights is None:
         return {"skipped": "no weight was pruned (--fold-bn only)"}, {}
     if opts.encode == "none":
         return {"skipped": "--encode none"}, {}
@@ -139,10 +214,10 @@ def encoding_section(run: CompileRun) -> tuple[dict, dict]:
         why = "--sparse-initializers" if opts.sparse_initializers else "the model uses external data"
         return {"skipped": f"{why}: weights.sparsec is written for self-contained models only"}, {}
     pruned = {n for r in run.results for w in r.details.get("weights", []) for n in w.layers}
-    layers = [la for la in run.weights.analysis.layers if la.name in pruned] if run.weights else []
+    layers = [la for la in run.weights.analysis.layers if la.name in pruned]
     if not layers:
         return {"skipped": "no weight was pruned: weights.sparsec and skeleton.onnx are not written"}, {}
-    blobs, rows = encode_weights(ctx.model, ctx.store, layers, opts.nm, opts.encode, opts.rle_bits)
+    blobs, rows = encode_weights(ctx.model, ctx.store, layers, run.nm, str(opts.encode), opts.rle_bits)
     formats: dict[str, int] = {}
     for row in rows:
         formats[row["format"]] = formats.get(row["format"], 0) + 1

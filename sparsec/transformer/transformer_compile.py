@@ -9,7 +9,7 @@ import onnx
 from sparsec.channels.channel_analysis import analyse_channels
 from sparsec.channels.prune_channels import PruneChannelsPass
 from sparsec.channels.structured import StructuredPlan, plan_structured
-from sparsec.core.options import CompileOptions
+from sparsec.core.options import ChannelsOptions, TransformerOptions
 from sparsec.core.shapes import infer_dims
 from sparsec.core.tensors import TensorStore, inline_copy
 from sparsec.errors import SparsecError
@@ -55,15 +55,19 @@ class TransformerPlan:
         return masked
 
 
-def plan_transformer(model: onnx.ModelProto, store: TensorStore, options: CompileOptions, fixed: dict,
-                     settings=None) -> TransformerPlan:
+def plan_transformer(model: onnx.ModelProto, store: TensorStore, options: TransformerOptions, fixed: dict,
+                     settings=None, *, ffn_shape: ChannelsOptions | None = None, seed: int = 0,
+                     ranges: dict | None = None) -> TransformerPlan:
+    """Heads, FFN neurons and tokens to remove; `ffn_shape` shapes the FFN's channel removal (--round-to,
+    --channels-per-layer-max: CompileOptions.ffn_channels), `seed`/`ranges` its compensation inputs."""
     heads = None
     if options.heads is not None or options.heads_per_layer is not None:
         heads = plan_heads(model, store, options.heads, options.heads_per_layer, settings)
     ffn = None
     if options.ffn is not None:
-        ffn = plan_structured(model, store, options, fixed, settings, ratio=options.ffn, ops=FFN_OPS,
-                              score="act" if settings is not None else "l1")
+        shape = ffn_shape or ChannelsOptions(channels=options.ffn)
+        ffn = plan_structured(model, store, shape, fixed, settings, seed=seed, ranges=ranges,
+                              ratio=options.ffn, ops=FFN_OPS, score="act" if settings is not None else "l1")
     tokens = (options.tokens, options.tokens_from) if options.tokens is not None else None
     if tokens is not None:
         count = len(find_attention(model).blocks)

@@ -16,7 +16,8 @@ from sparsec.core.layers import find_layers
 from sparsec.core.tensors import TensorStore
 from sparsec.errors import SparsecError
 from sparsec.runtime.calibrate import collect_stats
-from sparsec.transformer.attention import AttentionAnalysis, AttentionBlock, find_attention, part_columns
+from sparsec.transformer.attention import AttentionAnalysis, AttentionBlock, find_attention
+from sparsec.transformer.projection_walk import part_columns
 
 
 @dataclass(frozen=True)
