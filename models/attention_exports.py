@@ -125,7 +125,6 @@ def build_hf_vit(seed: int = 0, exporter: str = "torchscript", layers: int = 2, 
 def build_fused_qkv(seed: int = 0, exporter: str = "torchscript", layers: int = 2, dim: int = 64,
                     heads: int = 4) -> onnx.ModelProto:
     """tokens [B, L, E] -> [B, L, E] through pre-norm blocks with one Linear(E, 3E) for Q, K and V."""
-    import torch
     from torch import nn
 
     class Block(nn.Module):
@@ -144,25 +143,13 @@ def build_fused_qkv(seed: int = 0, exporter: str = "torchscript", layers: int = 
             x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
             return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
 
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.blocks = nn.Sequential(*[Block() for _ in range(layers)])
-
-        def forward(self, tokens):
-            return self.blocks(tokens)
-
-    module = _seeded(seed, Net)
-    x = torch.randn(2, 10, dim, generator=torch.Generator().manual_seed(seed))
-    dims = {0: "batch", 1: "seq"}
-    return _export(module, (x,), ["tokens"], ["out"], {"tokens": dims, "out": dims}, exporter)
+    return _export_blocks(Block, layers, dim, seed, exporter)
 
 
 def build_legacy_bert(seed: int = 0, exporter: str = "torchscript", layers: int = 2, dim: int = 64,
                       heads: int = 4) -> onnx.ModelProto:
     """tokens [B, L, E] -> [B, L, E] with transformers-4.x BertSelfAttention's reshapes: the context's
     target is `context.size()[:-2] + (all_head_size,)`, so the context also feeds `Shape`."""
-    import torch
     from torch import nn
 
     size = dim // heads
@@ -183,18 +170,7 @@ def build_legacy_bert(seed: int = 0, exporter: str = "torchscript", layers: int 
             context = context.view(context.size()[:-2] + (dim,))
             return self.norm(x + self.o(context))
 
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.blocks = nn.Sequential(*[Block() for _ in range(layers)])
-
-        def forward(self, tokens):
-            return self.blocks(tokens)
-
-    module = _seeded(seed, Net)
-    x = torch.randn(2, 10, dim, generator=torch.Generator().manual_seed(seed))
-    dims = {0: "batch", 1: "seq"}
-    return _export(module, (x,), ["tokens"], ["out"], {"tokens": dims, "out": dims}, exporter)
+    return _export_blocks(Block, layers, dim, seed, exporter)
 
 
 def build_hf_bert_mean_pool(seed: int = 0, exporter: str = "torchscript", layers: int = 2, hidden: int = 64,
@@ -282,3 +258,23 @@ def build_opset7_block(seed: int = 0, dim: int = 32, heads: int = 4, ffn: int = 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)], ir_version=4)
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def _export_blocks(block: type, layers: int, dim: int, seed: int, exporter: str) -> onnx.ModelProto:
+    """tokens [B, L, E] -> out [B, L, E] through `layers` seeded copies of `block`, batch and sequence
+    dynamic."""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.Sequential(*[block() for _ in range(layers)])
+
+        def forward(self, tokens):
+            return self.blocks(tokens)
+
+    module = _seeded(seed, Net)
+    x = torch.randn(2, 10, dim, generator=torch.Generator().manual_seed(seed))
+    dims = {0: "batch", 1: "seq"}
+    return _export(module, (x,), ["tokens"], ["out"], {"tokens": dims, "out": dims}, exporter)
