@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from sparsec.runtime.calib_data import input_specs, open_calibration, parse_ranges
-from sparsec.runtime.progress import Progress
 
 from sparsec.errors import SparsecError
+from sparsec.runtime.calib_data import input_specs, open_calibration, parse_ranges
+from sparsec.runtime.progress import Progress
 
 
 def _model(inputs: list[tuple[str, int, list]]) -> onnx.ModelProto:

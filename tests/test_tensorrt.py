@@ -11,7 +11,9 @@ import sys
 import types
 
 import pytest
+
 import sparsec.runtime.tensorrt as trt_mod
+from sparsec.errors import MissingDependencyError, SparsecError
 from sparsec.runtime.tensorrt import (
     EngineInfo,
     build_engine,
@@ -19,8 +21,6 @@ from sparsec.runtime.tensorrt import (
     parse_sparsity_log,
     trt_commands,
 )
-
-from sparsec.errors import MissingDependencyError, SparsecError
 
 TRTEXEC_LOG = """\
 [03/23/2021-00:14:05] [I] [TRT] (Sparsity) Layers eligible for sparse math: conv1, conv2, conv3
