@@ -57,17 +57,23 @@ def _seeded(seed: int, make):
         return make().eval()
 
 
+def _bert_config(layers: int, hidden: int, heads: int):
+    """A small random-weight BERT with eager attention (no download: HF_HUB_OFFLINE)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      intermediate_size=2 * hidden, max_position_embeddings=64, attn_implementation="eager")
+
+
 def build_hf_bert(seed: int = 0, exporter: str = "torchscript", layers: int = 2, hidden: int = 64,
                   heads: int = 4) -> onnx.ModelProto:
     """BertModel -> (last_hidden_state [B, L, E], pooler_output [B, E])."""
     import torch
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import BertConfig, BertModel
+    config = _bert_config(layers, hidden, heads)  # sets HF_HUB_OFFLINE before transformers loads
+    from transformers import BertModel
 
-    config = BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads,
-                        intermediate_size=2 * hidden, max_position_embeddings=64, attn_implementation="eager")
 
     class Wrapper(torch.nn.Module):
         def __init__(self) -> None:
@@ -179,12 +185,9 @@ def build_hf_bert_mean_pool(seed: int = 0, exporter: str = "torchscript", layers
     sentence_embedding [B, E]): the pooling expands `attention_mask` to the token embeddings' shape."""
     import torch
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import BertConfig, BertModel
+    config = _bert_config(layers, hidden, heads)  # sets HF_HUB_OFFLINE before transformers loads
+    from transformers import BertModel
 
-    config = BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads,
-                        intermediate_size=2 * hidden, max_position_embeddings=64, attn_implementation="eager")
 
     class Wrapper(torch.nn.Module):
         def __init__(self) -> None:
