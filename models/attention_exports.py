@@ -74,7 +74,6 @@ def build_hf_bert(seed: int = 0, exporter: str = "torchscript", layers: int = 2,
     config = _bert_config(layers, hidden, heads)  # sets HF_HUB_OFFLINE before transformers loads
     from transformers import BertModel
 
-
     class Wrapper(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -187,7 +186,6 @@ def build_hf_bert_mean_pool(seed: int = 0, exporter: str = "torchscript", layers
 
     config = _bert_config(layers, hidden, heads)  # sets HF_HUB_OFFLINE before transformers loads
     from transformers import BertModel
-
 
     class Wrapper(torch.nn.Module):
         def __init__(self) -> None:
