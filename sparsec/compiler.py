@@ -24,6 +24,7 @@ from sparsec.encoding.blobs import to_sparse_initializers, write_outputs
 from sparsec.errors import SparsecError
 from sparsec.recipes import CompileRun, recipe_of, stages_for
 from sparsec.recipes.recipe_file import write_recipe
+from sparsec.recipes.step_oracle import FOLD_RTOL
 from sparsec.recipes.steps import encode_step
 from sparsec.runtime.calib_data import check_ranges, input_specs
 from sparsec.runtime.calibrate import CalibrationSettings
@@ -208,15 +209,12 @@ def _verify(dense: Path, pruned: Path, ctx: PassContext, fixed: dict, options: C
     return result
 
 
-FOLD_ONLY_RTOL = 1e-4  # BatchNorm folding is exact up to float32 rounding
-
-
 def _check_exact(verify: dict, options: CompileOptions) -> None:
     """A compile that only folds BatchNorm must reproduce the dense outputs; never write one that does not."""
     if options.prunes_weights or options.structured or options.precision != "fp32" or "outputs" not in verify:
         return
     for out in verify["outputs"]:
-        if out["max_abs_diff"] > FOLD_ONLY_RTOL * max(out["max_abs_dense"], 1.0):
+        if out["max_abs_diff"] > FOLD_RTOL * max(out["max_abs_dense"], 1.0):
             raise SparsecError(f"BatchNorm folding changed output {out['name']} by {out['max_abs_diff']:.3g}",
                                "nothing was written; compile without --fold-bn and report this model")
 
