@@ -121,10 +121,10 @@ def channels_step(run: CompileRun, opts: ChannelsOptions) -> dict:
     typed = ChannelsPlan(removed=len({int(analysis.root[e]) for e in plan.choice.removed}),
                          removable=len([c for c in analysis.classes() if c not in analysis.untouchable]),
                          elements=len(plan.choice.removed))
-    reasons = list(analysis.untouchable.values())
+    reasons = [r for g in analysis.groups() for r in g.get("untouchable", [])]  # as report.channels
     nothing = None if any(r.modified for r in results) else (
         "nothing removed: every channel group is kept whole"
-        + (f" ({len(reasons)} groups, first reason: {reasons[0]})" if reasons else ""))
+        + (f" ({len(reasons)} reasons, first: {reasons[0]})" if reasons else ""))
     return _entry("channels", typed, results, _masked_oracle(run, plan.compensation.masked, opts.recover),
                   nothing=nothing)
 
