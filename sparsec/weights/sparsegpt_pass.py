@@ -13,7 +13,7 @@ from sparsec.weights.scores import as_rows, from_rows
 from sparsec.weights.selection import PruneTarget
 from sparsec.weights.sparsegpt_solver import sparsegpt_prune
 
-from .prune_weights import PrunedWeight, PruneWeightsPass, estimate_error, finite_targets
+from .prune_weights import PrunedWeight, PruneWeightsPass, finite_targets
 
 # SparseGPT's update changes kept weights; an int8 weight would need requantizing, which can
 # move every kept value, so a QDQ weight keeps its integers and takes Wanda's mask instead.
@@ -85,10 +85,8 @@ class SparseGPTPass:
                        else from_rows(layer, result.weight)).astype(stored.dtype)
             new_stored = np.ascontiguousarray(to_stored(new_eff, layer.source.steps))
             ctx.store.write(tensor, new_stored)
-            if patch:  # exact: the error over the im2col patches the layer really multiplies
-                error, basis = result.error_after, "gram (im2col)"
-            else:
-                error, basis = estimate_error(layer, effective, new_eff, calib)
+            # exact, from the solve itself: ‖(W − Ŵ)X‖/‖WX‖ over the rows (or im2col patches) it multiplies
+            error, basis = result.error_after, "gram (im2col)" if patch else "gram"
             done.append(PrunedWeight(
                 layer.weight, tuple(u.name for u in target.layers),
                 str(self.nm) if self.nm else "unstructured/sparsegpt", stored.size,
