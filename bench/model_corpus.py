@@ -165,6 +165,11 @@ def _token_calib(names: tuple[str, ...], seq: int):
     return make
 
 
+def _decoder_calib(entry: Entry, n: int, seed: int) -> dict[str, np.ndarray]:
+    """Token ids only, [N, 16]: sparsec fills the empty cache, the mask and the positions."""
+    return {"input_ids": np.random.default_rng(seed).integers(0, 256, (n, 16)).astype(np.int64)}
+
+
 def _magika_calib(entry: Entry, n: int, seed: int) -> dict[str, np.ndarray]:
     """Magika's features of real files: first and last 1024 bytes, padded with token 256."""
     import email
@@ -248,6 +253,10 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("vit-torchscript", "transformer", shapes={"pixel_values": (1, 3, 64, 64)},
           calib=_image_calib("pixel_values", (1, 3, 64, 64), "half"),
           note="HF ViT (192 hidden, 4 layers, 3 heads, 64x64, random weights), TorchScript"),
+    *(Entry(f"{kind}-{exporter}", "other", shapes={"input_ids": (1, 16)}, ranges={"input_ids": (0, 256)},
+            calib=_decoder_calib, note=f"{kind} decoder with KV cache (models/decoders.py, random weights), "
+                                       f"{exporter}; past/mask/positions filled by sparsec")
+      for kind in ("llama", "gpt2") for exporter in ("dynamo", "torchscript")),
 )
 BY_ID = {e.id: e for e in ENTRIES}
 
@@ -350,9 +359,23 @@ def _vit_module():
     return Vit().eval(), (torch.randn(2, 3, 64, 64),), ("pixel_values",)
 
 
+def _export_decoder(entry: Entry) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import onnx
+
+    from models.decoders import build_decoder
+
+    kind, exporter = entry.id.split("-")
+    entry.path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(build_decoder(kind, exporter), str(entry.path))
+
+
 def _export(entry: Entry) -> None:
     import torch
 
+    if entry.id.startswith(("llama-", "gpt2-")):
+        _export_decoder(entry)
+        return
     module, args, inputs = (_minilm_module if entry.id.startswith("minilm") else _vit_module)()
     outputs = ["last_hidden_state", "pooler_output"]
     final = entry.path.parent

@@ -7,10 +7,11 @@ from typing import Any
 
 from sparsec.compiler import compile_model
 from sparsec.core.report import Report
-from sparsec.encoding.blobs import restore
+from sparsec.encoding.blobs import restore_to
 from sparsec.errors import api_errors
 from sparsec.inspection import InspectReport, inspect_model
 from sparsec.recipes import STAGE_NAMES, options_doc, options_from
+from sparsec.recipes.policy_step import sensitivity_report
 from sparsec.recipes.recipe_file import read_recipe
 
 
@@ -49,12 +50,16 @@ compile.__doc__ = (compile.__doc__ or "") + "\n" + options_doc() + "\n"
 @api_errors
 def decode(outdir: str | Path, output: str | Path) -> Path:
     """Rebuild OUTDIR/model.onnx from OUTDIR/skeleton.onnx and OUTDIR/weights.sparsec."""
-    model = restore(outdir)
-    out = Path(output)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(model.SerializeToString())
-    tmp.replace(out)
-    return out
+    return restore_to(outdir, output)
+
+
+@api_errors
+def sensitivity(model: str | Path, **options: Any) -> dict:
+    """Per-layer sensitivity without pruning (`sparsec inspect --sensitivity`): each prunable weight
+    pruned alone with `nm`/`sparsity` and `method`, its output cosine similarity on the held-back last
+    quarter of the calibration data; with `min_similarity`, also which layers a compile would prune."""
+    options.setdefault("quiet", True)
+    return sensitivity_report(model, options_from(options))
 
 
 @api_errors

@@ -19,6 +19,8 @@ from sparsec.inspection import inspect_table
 from sparsec.recipes import STAGE_NAMES
 from sparsec.runtime.engine_report import build_and_record
 from sparsec.version import __version__
+from sparsec.weights.quality_policy import table_lines
+from sparsec.weights.sensitivity import Sensitivity
 
 
 class UserError(click.ClickException):
@@ -88,6 +90,7 @@ GROUP_TITLES = {
     "transformer": "Transformer stage (heads, FFN neurons, tokens)",
     "channels": "Channels stage (structured)",
     "fold-bn": "BatchNorm folding stage", "weights": "Weights stage (N:M or unstructured sparsity)",
+    "correct": "Correction stage (bias correction, BatchNorm re-estimation)",
     "precision": "Precision stage", "encode": "Encode stage (weights.sparsec)",
     SETTINGS: "Calibration, shapes and verification (shared by every stage)", RUN: "Output and run",
 }
@@ -177,7 +180,7 @@ def compile_cmd(model: Path, output: Path | None, recipe: Path | None, as_json: 
       sparsec compile model.onnx --recipe out/recipe.yaml -o again/
     """
     options = {k: v for k, v in values.items() if v is not None and v != () and v is not False
-               or (k in ("verify", "fold_bn") and v is False)}
+               or (k in ("verify", "fold_bn", "bias_correct") and v is False)}
     options.setdefault("quiet", as_json)
     report = api.compile(model, output=output, recipe=recipe, **options)
     click.echo(report.to_json() if as_json else summary_table(report))
@@ -189,14 +192,46 @@ def compile_cmd(model: Path, output: Path | None, recipe: Path | None, as_json: 
                 click.echo(f"sparsec: step {step['name']}: {step['nothing']}", err=True)
 
 
+SENSITIVITY_OPTIONS = ("nm", "sparsity", "method", "group", "min_params", "include", "exclude",
+                       "nm_everywhere", "min_similarity", "calib", "calib_random", "calib_range",
+                       "calib_samples", "batch", "seed")
+
+
+def sensitivity_options(fn):
+    """The compile options `inspect --sensitivity` reads (declared once, in sparsec/core/options.py)."""
+    params = getattr(fn, "__click_params__", [])
+    params.extend(declared_option(s) for s in reversed(declared()) if s.name in SENSITIVITY_OPTIONS)
+    fn.__click_params__ = params
+    return fn
+
+
+def sensitivity_text(table: dict) -> str:
+    """The sensitivity table as `inspect --sensitivity` prints it (most sensitive first)."""
+    head = (f"sensitivity to {table['pattern']} by {table['method']}: output cosine similarity on "
+            f"{table['held_back_samples']} held-back calibration samples, one layer pruned at a time")
+    rows = [Sensitivity(r["weight"], tuple(r["layers"]), r["macs_saved"], r["similarity"])
+            for r in table["table"]]
+    reasons = table.get("kept_dense") if "min_similarity" in table else None
+    lines = [head, *table_lines(rows, reasons)]
+    if "min_similarity" in table:
+        lines.append(f"--min-similarity {table['min_similarity']:g}: combined similarity "
+                     f"{table['combined_similarity']:.5f}")
+    lines += [f"not measured: {s['name']}: {s['reason']}" for s in table["not_measured"]]
+    return "\n".join(lines)
+
+
 @cli.command("inspect")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=d0,d1|NAME:d0xd1",
               help="Fix an input's symbolic dims for MAC counts (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--sensitivity", is_flag=True,
+              help="Measure each layer's sensitivity to --nm/--sparsity on held-back calibration samples "
+                   "(the last quarter) and print the table; prunes nothing.")
+@sensitivity_options
 @verbosity()
 @user_errors
-def inspect_cmd(model: Path, shapes: tuple[str, ...], as_json: bool) -> None:
+def inspect_cmd(model: Path, shapes: tuple[str, ...], as_json: bool, sensitivity: bool, **values) -> None:
     """List every prunable layer: op, weight, shape, reduction axis, params, MACs, and
     whether the weight already satisfies 2:4 / 4:8 on TensorRT's axis.
 
@@ -204,9 +239,18 @@ def inspect_cmd(model: Path, shapes: tuple[str, ...], as_json: bool) -> None:
     Examples:
       sparsec inspect model.onnx
       sparsec inspect bert.onnx --shape input_ids=1,128 --shape attention_mask=1,128 --json
+      sparsec inspect model.onnx --sensitivity --nm 2:4 --calib calib.npz [--min-similarity 0.99]
     """
-    report = api.inspect(model, shapes=parse_shapes(shapes))
-    click.echo(report.to_json() if as_json else inspect_table(report))
+    given = {k: v for k, v in values.items() if v not in (None, ())}
+    if not sensitivity:
+        if given:
+            raise SparsecError(f"--{next(iter(given)).replace('_', '-')} is an option of --sensitivity",
+                               "add --sensitivity, or drop it")
+        report = api.inspect(model, shapes=parse_shapes(shapes))
+        click.echo(report.to_json() if as_json else inspect_table(report))
+        return
+    table = api.sensitivity(model, shapes=parse_shapes(shapes), **given)
+    click.echo(json.dumps({"sensitivity": table}, indent=2) if as_json else sensitivity_text(table))
 
 
 @cli.command("decode")

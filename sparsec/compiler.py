@@ -28,7 +28,7 @@ from sparsec.recipes.step_oracle import FOLD_RTOL
 from sparsec.recipes.steps import encode_step
 from sparsec.runtime.calib_data import check_ranges, input_specs
 from sparsec.runtime.calibrate import CalibrationSettings
-from sparsec.runtime.session import make_session, make_session_from_proto
+from sparsec.runtime.session import make_session, make_session_from_proto, session_cache_fill
 from sparsec.runtime.tensorrt import trt_commands
 from sparsec.runtime.verify import (
     calibration_inputs,
@@ -53,7 +53,8 @@ def _nothing_done(run: CompileRun, report: Report, results: list[PassResult]) ->
     if options.transformer and report.transformer:
         blocks = report.transformer.get("blocks") or []
         changed = any(b.get(f"{k}_after") != b.get(f"{k}_before") for b in blocks
-                      for k in ("heads", "ffn", "tokens"))
+                      for k in ("heads", "ffn", "tokens")) or \
+            any(step.get("modified") for step in run.steps)  # FFN neurons outside a matched block
         if changed:
             return None
         why = report.transformer.get("unexplained") or ["no attention block or FFN found"] \
@@ -147,7 +148,7 @@ def _write(run: CompileRun, report: Report, model_path: Path, out: Path) -> None
     ctx, options, loaded, timings = run.ctx, run.options, run.loaded, run.timings
     with staged_dir(out, options.force, (model_path, *loaded.data_files)) as tmp:
         if run.blobs:
-            write_outputs(ctx.model, run.blobs, tmp)
+            write_outputs(ctx.model, ctx.store, run.blobs, tmp, loaded.external)
         if options.sparse_initializers:
             names = {w.weight for r in run.results for w in r.details.get("weights", [])}
             report.tensorrt["note"] = ("model.onnx holds sparse initializers: "
@@ -188,24 +189,29 @@ def _verify(dense: Path, pruned: Path, ctx: PassContext, fixed: dict, options: C
     if settings is not None:
         inputs = calibration_inputs(settings.data, options.batch)
     else:
-        guessed = assumed_dims(ctx.model, options.shapes)
+        fill = session_cache_fill(final)  # a decoder's cache, mask and positions follow input_ids
+        guessed = {k: v for k, v in assumed_dims(ctx.model, options.shapes).items()
+                   if fill is None or k not in fill.names}
         for name, dims in guessed.items():
             log.warning("verify: input %s has symbolic dims %s that no --shape fixes; they are set to 1, "
                         "which may not exercise the model (give --shape %s=...)",
                         name, ", ".join(map(str, dims)), name)
         inputs = random_inputs(final, fixed, options.seed, options.calib_range, guessed)
+    names = [o.name for o in final.get_outputs()]
+    del final  # verify_models opens one model at a time: a large model's weights are not held twice
     result = verify_models(dense, pruned, fixed, options.seed, inputs).as_dict()
     if not result["informative"]:
         log.warning("verify: %s", result["reason"])
     before = ctx.facts.get("model_before_precision")
     if before is not None and before.ByteSize() < TWO_GB:
-        names = [o.name for o in final.get_outputs()]
         ref = run_batches(make_session_from_proto(before), names, inputs.batches)
-        diffs = compare_outputs(ref, run_batches(final, names, inputs.batches), names)
+        diffs = compare_outputs(ref, run_batches(make_session(pruned), names, inputs.batches), names)
         result["precision_drift"] = {
             "max_abs_diff": max(d.max_abs_diff for d in diffs),
             "outputs": [asdict(d) for d in diffs],
         }
+    elif (why := ctx.facts.get("precision_drift_skipped")) is not None:
+        result["precision_drift"] = {"skipped": why}
     return result
 
 

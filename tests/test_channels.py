@@ -141,8 +141,8 @@ def test_act_score_and_recover_use_calibration(tmp_path):
     onnx.save(GOLDEN["mlp"](hidden=(64, 64)), src)
     calib = tmp_path / "c.npz"
     np.savez(calib, x=np.random.default_rng(0).standard_normal((512, 1, 32)).astype(np.float32))
-    plain = sparsec.compile(src, channels=0.5, channel_score="act", calib=calib,
-                            output=tmp_path / "a", min_params=0)
+    plain = sparsec.compile(src, channels=0.5, channel_score="act", calib=calib, recover=False,
+                            output=tmp_path / "a", min_params=0)  # with data the refit is the default
     recovered = sparsec.compile(src, channels=0.5, channel_score="act", calib=calib, recover=True,
                                 output=tmp_path / "r", min_params=0)
     assert plain.channels["removed"] == recovered.channels["removed"] > 0

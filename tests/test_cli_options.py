@@ -32,6 +32,9 @@ COMPILE = {
     "owl": (["--owl", "--sparsity", "0.5", "--nm", None, "--calib-random", "2"], True),
     "owl_lambda": (["--owl-lambda", "0.1"], 0.1),
     "owl_m": (["--owl-m", "3"], 3.0),
+    "prune_lm_head": (["--prune-lm-head"], True),
+    "permute": (["--permute"], True),
+    "min_similarity": (["--min-similarity", "0.99", "--calib-random", "8"], 0.99),
     "channels": (["--channels", "0.3"], 0.3),
     "channels_per_layer_max": (["--channels-per-layer-max", "0.5", "--channels", "0.3"], 0.5),
     "channel_score": (["--channel-score", "bn", "--channels", "0.3"], "bn"),
@@ -43,6 +46,9 @@ COMPILE = {
     "ffn": (["--ffn", "0.25", "--nm", None], 0.25),
     "tokens": (["--tokens", "0.7", "--nm", None], 0.7),
     "tokens_from": (["--tokens-from", "2", "--tokens", "0.7", "--nm", None], 2),
+    "bias_correct": (["--bias-correct", "--calib-random", "2"], True),
+    "bn_reestimate": (["--bn-reestimate", "--calib-random", "2"], True),
+    "correct_samples": (["--correct-samples", "16", "--calib-random", "2"], 16),
     "precision": (["--precision", "fp16"], "fp16"),
     "encode": (["--encode", "csr"], "csr"),
     "rle_bits": (["--rle-bits", "6"], 6),
@@ -56,6 +62,8 @@ COMPILE = {
     "providers": (["--providers", "cuda,cpu"], ("cuda", "cpu")),
     "verify": (["--no-verify"], False),
     "seed": (["--seed", "5"], 5),
+    "workers": (["--workers", "2"], 2),
+    "ray": (["--ray", "auto"], "auto"),
     "force": (["--force"], True),
     "quiet": (["-q"], True),
 }
@@ -113,7 +121,9 @@ def _compiled(tmp_path: Path) -> Path:
 
 
 OTHER = {  # command -> option names it has (each exercised below)
-    "inspect": ("shapes", "as_json", "verbose", "quiet_log"),
+    "inspect": ("shapes", "as_json", "verbose", "quiet_log", "sensitivity", "nm", "sparsity", "method",
+                "group", "min_params", "include", "exclude", "nm_everywhere", "min_similarity", "calib",
+                "calib_random", "calib_range", "calib_samples", "batch", "seed"),  # test_policy_*
     "decode": ("output", "verbose", "quiet_log"),
     "engine": ("output", "shapes", "as_json", "verbose", "quiet_log"),
 }

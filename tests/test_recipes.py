@@ -14,6 +14,7 @@ import sparsec
 from sparsec.core.options import (
     RECIPE_OPTIONS,
     ChannelsOptions,
+    CorrectOptions,
     EncodeOptions,
     FoldBNOptions,
     Method,
@@ -86,7 +87,7 @@ def precision_step_reported(step: dict) -> None:
 
 
 def test_order_is_one_table():
-    assert STAGE_NAMES == ("transformer", "channels", "fold-bn", "weights", "precision", "encode")
+    assert STAGE_NAMES == ("transformer", "channels", "fold-bn", "weights", "correct", "precision", "encode")
     assert [s.name for s in stages_for(options_from({"channels": 0.3, "nm": "2:4", "precision": "fp16"}))] \
         == ["channels", "fold-bn", "weights", "precision", "encode"]
     assert [s.name for s in stages_for(options_from({"heads": 0.25, "nm": "2:4"}))] == \
@@ -260,8 +261,8 @@ def test_each_step_receives_only_its_own_options():
     for stage in ORDER:
         Stage(stage.name, stage.runs, lambda run, opts: seen.append(type(opts)) or {}, stage.what).apply(
             SimpleNamespace(options=options))
-    assert seen == [TransformerOptions, ChannelsOptions, FoldBNOptions, WeightsOptions, PrecisionOptions,
-                    EncodeOptions]
+    assert seen == [TransformerOptions, ChannelsOptions, FoldBNOptions, WeightsOptions, CorrectOptions,
+                    PrecisionOptions, EncodeOptions]
 
 
 @pytest.mark.parametrize(("make", "needle"), [

@@ -23,7 +23,9 @@ from sparsec.channels.channel_state import (
     SliceCut,
     SplitCut,
     State,
+    TargetCut,
 )
+from sparsec.channels.reshape_target import last_entry
 from sparsec.core.graph_index import _attr
 from sparsec.core.op_table import Registry, weight_op
 
@@ -283,7 +285,8 @@ def flatten(state: State, i: int, node: onnx.NodeProto) -> None:
 
 
 def reshape(state: State, i: int, node: onnx.NodeProto) -> None:
-    """Only a flatten to [N, C·H·W]: each channel owns H·W consecutive features."""
+    """A flatten to [N, C·H·W] (each channel owns H·W consecutive features), or a regrouping of the
+    leading dims that keeps the last axis (`reshape_target`)."""
     x = state.layouts.get(node.input[0])
     if x is None:
         return
@@ -292,6 +295,9 @@ def reshape(state: State, i: int, node: onnx.NodeProto) -> None:
     out = state.shapes.get(node.output[0])
     ok = (target is not None and shape is not None and out is not None and x.axis == 1
           and len(out) == 2 and out[1] == int(np.prod(shape[1:])))
+    if not ok and x.axis == x.rank - 1 > 0:
+        _regroup_leading(state, i, node, x)
+        return
     if not ok:
         state.block(x.elems, f"{_name(state, i)} reshapes the channel axis")
         return
@@ -299,6 +305,16 @@ def reshape(state: State, i: int, node: onnx.NodeProto) -> None:
     elems = np.repeat(x.elems, hw)
     state.actions.append(ReshapeCut(_name(state, i), tuple(elems), 1, 1))
     _set(state, node.output[0], 1, 2, elems)
+
+
+def _regroup_leading(state: State, i: int, node: onnx.NodeProto, x: Layout) -> None:
+    entry = last_entry(state, node, len(x.elems), x.rank)
+    if isinstance(entry, str):
+        state.block(x.elems, f"{_name(state, i)} reshapes the channel axis: {entry}")
+        return
+    if not entry.follows:
+        state.actions.append(TargetCut(_name(state, i), tuple(x.elems), entry.concat, entry.input))
+    _set(state, node.output[0], entry.out_rank - 1, entry.out_rank, x.elems)
 
 
 def transpose(state: State, i: int, node: onnx.NodeProto) -> None:

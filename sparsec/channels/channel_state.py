@@ -93,6 +93,16 @@ class ReshapeCut(Edit):
 
 
 @dataclass(frozen=True)
+class TargetCut(Edit):
+    """Set the last entry of a Reshape's target to the kept count: the constant on input 1 of the
+    Reshape (`concat` None) or the constant last piece (`input`) of the Concat `concat` that builds it
+    (a Concat or constant that other nodes also read is copied first)."""
+
+    concat: str | None
+    input: int
+
+
+@dataclass(frozen=True)
 class Source:
     node: int  # position in the analysed graph (ordering only; edits name nodes by `name`)
     name: str  # the node's id (`core.names.node_ids`)

@@ -24,7 +24,9 @@ from sparsec.channels.channel_state import (
     ReshapeCut,
     SliceCut,
     SplitCut,
+    TargetCut,
 )
+from sparsec.channels.target_edit import cut_target
 from sparsec.core.graph_index import GraphIndex, to_effective
 from sparsec.core.names import FreshNames, node_ids
 from sparsec.core.op_table import weight_axes
@@ -103,6 +105,8 @@ class _Editor:
                 self.slice(edit, keep)
             case ReshapeCut():
                 self.reshape(edit, keep)
+            case TargetCut():
+                cut_target(self, edit, keep)
             case _:
                 raise TypeError(f"no rewrite for channel edit {type(edit).__name__}")
 
@@ -160,6 +164,35 @@ class _Editor:
             bias = self.ctx.store.read(self._tensor(node, b))
             if bias.ndim and bias.shape[-1] == len(keep):
                 self._slice(node, b, bias.ndim - 1, keep)
+
+    def reorder(self, edit: Edit, order: np.ndarray) -> None:
+        """The same typed edits as `apply`, permuting instead of cutting: position k of the cut axis
+        takes old position order[k] (N:M channel permutation, `permute_channels`)."""
+        node = self.node(edit)
+        match edit:
+            case ProducerCut():
+                self._take(node, edit.input, edit.axis, order)
+                self._take_bias(node, edit.bias, order)
+            case DepthwiseCut():
+                axes = weight_axes(node)
+                self._take(node, axes.input, axes.output, order)
+                self._take_bias(node, axes.bias, order)
+            case ConsumerCut() | ParamCut():
+                self._take(node, edit.input, edit.axis, order)
+            case ReshapeCut() | TargetCut():
+                pass  # a permutation keeps every count
+            case _:
+                raise TypeError(f"no permutation for channel edit {type(edit).__name__}")
+
+    def _take_bias(self, node, b: int | None, order: np.ndarray) -> None:
+        if b is not None and len(node.input) > b and node.input[b]:
+            self._take(node, b, -1, order)
+
+    def _take(self, node, k: int, axis: int, order: np.ndarray) -> None:
+        tensor = self._tensor(node, k)
+        values = self.ctx.store.read(tensor)
+        if values.ndim and values.shape[axis] == len(order):  # else a broadcast dimension
+            self.ctx.store.write(tensor, np.ascontiguousarray(np.take(values, order, axis=axis)))
 
     def depthwise(self, a: DepthwiseCut, keep) -> None:
         node = self.node(a)

@@ -84,6 +84,7 @@ class EncodeFormat(Choice):  # auto: the smallest codec per tensor; none: no wei
 
 METHODS = Method.values()
 CALIBRATED = (Method.WANDA.value, Method.SPARSEGPT.value)
+BIAS_CORRECTED = (Method.MAGNITUDE.value, Method.WANDA.value)  # bias correction's default (with calibration)
 PRECISIONS = Precision.values()
 GROUPS = Group.values()
 FORMATS = EncodeFormat.values()[2:]  # --encode's codecs (without auto and none)
@@ -180,7 +181,7 @@ class StageOptions:
     def __post_init__(self) -> None:
         for spec in fields(self):  # type: ignore[arg-type]
             choices = spec.metadata.get("choices")
-            if choices is not None:
+            if choices is not None and getattr(self, spec.name) is not None:  # None: resolved later
                 object.__setattr__(self, spec.name, choices.parse(getattr(self, spec.name), flag_of(spec)))
         self.check()
 
@@ -219,6 +220,15 @@ class WeightsOptions(StageOptions):
     owl: bool = opt(False, kind="flag", help="Outlier-weighed layerwise sparsity (unstructured only).")
     owl_lambda: float = opt(0.08, metavar="L", help="OWL: layer sparsities stay within S ± L.")
     owl_m: float = opt(5.0, metavar="M", help="OWL: a score above M times its layer's mean is an outlier.")
+    prune_lm_head: bool = opt(False, kind="flag",
+                              help="Prune a language model's LM head too (the layer writing the logits).")
+    permute: bool = opt(False, kind="flag",
+                        help="Before N:M masks are chosen, reorder coupled channels so that each M-group "
+                             "keeps more score (the function is unchanged).")
+    min_similarity: float | None = opt(
+        metavar="F", help="Quality floor: prune only the layers (chosen by MACs saved per measured "
+                          "sensitivity) that keep the output cosine similarity on held-back calibration "
+                          "samples (the last quarter) at or above F, e.g. 0.99 (needs calibration).")
 
     @property
     def prunes_weights(self) -> bool:
@@ -244,6 +254,12 @@ class WeightsOptions(StageOptions):
                     raise SparsecError(f"{flag} {pattern!r} is not a valid regex: {exc}") from None
         if self.owl and self.nm is not None:
             raise SparsecError("--owl sets a sparsity per layer; it works with --sparsity, not --nm")
+        if self.permute and self.nm is None:
+            raise SparsecError("--permute reorders channels for N:M groups, so it works with --nm only",
+                               "use --nm 2:4, or drop --permute")
+        if self.min_similarity is not None and not 0.0 < self.min_similarity <= 1.0:
+            raise SparsecError(f"--min-similarity {self.min_similarity} is out of range",
+                               "use 0 < F <= 1, e.g. 0.99")
         if not 0.0 < self.damp < 1.0:
             raise SparsecError(f"--damp {self.damp} is out of range", "use 0 < damp < 1, e.g. 0.01")
         if not 0.0 <= self.owl_lambda < 0.5:
@@ -261,13 +277,15 @@ class ChannelsOptions(StageOptions):
                                  help="Remove this fraction of the prunable channels (global ranking).")
     channels_per_layer_max: float = opt(1.0, metavar="F",
                                         help="At most this fraction of any one layer's channels goes.")
-    channel_score: ChannelScore = opt(ChannelScore.L1, choices=ChannelScore,
-                                      help="Channel importance: filter norms, BatchNorm |gamma|, or "
-                                           "calibrated activation x outgoing weights.")
+    channel_score: ChannelScore | None = opt(  # None: act with calibration data, else l1 (_Compile)
+        choices=ChannelScore, help="Channel importance: filter norms, BatchNorm |gamma|, or calibrated "
+                                   "activation x outgoing weights (default: act with calibration data, "
+                                   "else l1).")
     round_to: int = opt(1, metavar="K",
                         help="Kept channel counts stay multiples of K (e.g. 8 for tensor cores).")
-    recover: bool = opt(False, kind="flag",
-                        help="Refit consumers on the kept channels by least squares (needs calibration).")
+    recover: bool | None = opt(kind="pair",  # None: on with calibration data (_Compile)
+                               help="Refit consumers on the kept channels by least squares (needs "
+                                    "calibration; default: on with calibration data).")
 
     def check(self) -> None:
         if self.recover and self.channels is None:
@@ -323,6 +341,32 @@ class TransformerOptions(StageOptions):
 
 
 @dataclass(frozen=True)
+class CorrectOptions(StageOptions):
+    """correct: error correction after pruning, measured on the calibration data."""
+
+    stage: ClassVar[str] = "correct"
+    bias_correct: bool | None = opt(kind="pair",  # None: on with calibration data for magnitude and wanda
+                                    help="Fold each pruned layer's output-mean shift against the dense model "
+                                         "into its bias, level by level (needs calibration; default: on "
+                                         "with calibration data for magnitude and wanda).")
+    bn_reestimate: bool = opt(False, kind="pair",
+                              help="Re-estimate unfused BatchNorm statistics on the pruned model; match "
+                                   "mean and deviation of producers a BatchNorm was folded into (needs "
+                                   "calibration).")
+
+    correct_samples: int = opt(64, metavar="N",
+                               help="Measure on the first N calibration samples only (one pass per depth "
+                                    "level: the stage's cost grows with N).")
+
+    @property
+    def runs(self) -> bool:
+        return bool(self.bias_correct) or self.bn_reestimate
+
+    def check(self) -> None:
+        _at_least([("--correct-samples", self.correct_samples)], 1)
+
+
+@dataclass(frozen=True)
 class PrecisionOptions(StageOptions):
     """precision: fp16/bf16 conversion of the output model."""
 
@@ -372,6 +416,13 @@ class SettingsOptions(StageOptions):
     verify: bool = opt(True, kind="negated", flag="--no-verify",
                        help="Skip the onnxruntime comparison with the dense model.")
     seed: int = opt(0, metavar="N", help="Seed of the random inputs.")
+    workers: int | None = opt(
+        metavar="N", help="Calibrate and run SparseGPT's per-layer solves on N local Ray workers (one "
+                          "onnxruntime thread each); with --ray, use at most N of the cluster's CPUs. "
+                          "Needs pip install 'sparsec[ray]'.")
+    ray: str | None = opt(metavar="auto|ADDRESS",
+                          help="Scale out on an existing Ray cluster (after `ray start --head`; auto: the "
+                               "one on this machine).")
 
     @property
     def calibrated(self) -> bool:
@@ -381,7 +432,7 @@ class SettingsOptions(StageOptions):
         if self.calib is not None and self.calib_random is not None:
             raise SparsecError("--calib and --calib-random are exclusive", "choose one data source")
         _at_least((("--calib-random", self.calib_random), ("--calib-samples", self.calib_samples),
-                   ("--batch", self.batch)), 1)
+                   ("--batch", self.batch), ("--workers", self.workers)), 1)
         if self.seed < 0:
             raise SparsecError(f"--seed {self.seed} is negative", "use a seed >= 0")
 
@@ -397,8 +448,8 @@ class RunOptions(StageOptions):
 
 # in declaration order (as --help and the docstring list them); recipes.ORDER fixes the run order
 RECIPE_OPTIONS: tuple[type[StageOptions], ...] = (
-    WeightsOptions, ChannelsOptions, FoldBNOptions, TransformerOptions, PrecisionOptions, EncodeOptions,
-    SettingsOptions, RunOptions)
+    WeightsOptions, ChannelsOptions, FoldBNOptions, TransformerOptions, CorrectOptions, PrecisionOptions,
+    EncodeOptions, SettingsOptions, RunOptions)
 
 
 class _Compile:
@@ -407,6 +458,7 @@ class _Compile:
     def __post_init__(self) -> None:
         if self.nm is not None and (self.channels is not None or self.ffn is not None) and self.round_to == 1:
             object.__setattr__(self, "round_to", self.nm.m)  # kept widths stay N:M-able for the weights stage
+        object.__setattr__(self, "_defaulted", self._channel_defaults())
         parts = {}
         for cls in RECIPE_OPTIONS:
             part = cls(**{f.name: getattr(self, f.name) for f in fields(cls)})
@@ -415,6 +467,28 @@ class _Compile:
             parts[cls.stage] = part
         object.__setattr__(self, "_parts", parts)
         self._check_across()
+
+    def _channel_defaults(self) -> dict[str, str]:
+        """Resolve --channel-score and --recover left unset from the measurements (bench/RESULTS.md,
+        "Channel defaults"): with calibration data act scores and the refit, else l1 without; returns
+        what was resolved and why (the channels step's report says it was a default)."""
+        resolved = {}
+        calibrated = self.calib is not None or self.calib_random is not None  # before the parts exist
+        data = "calibration data given" if calibrated else "no calibration data"
+        if self.channel_score is None:
+            object.__setattr__(self, "channel_score", ChannelScore.ACT if calibrated else ChannelScore.L1)
+            resolved["channel_score"] = f"{self.channel_score} (default: {data})"
+        if self.recover is None:
+            object.__setattr__(self, "recover", calibrated and self.channels is not None)
+            if self.channels is not None:
+                resolved["recover"] = f"{'on' if self.recover else 'off'} (default: {data})"
+        return resolved
+
+    @property
+    def channel_defaults(self) -> dict[str, str]:
+        """The channels options resolved from the data rather than given (e.g. {"recover": "on
+        (default: calibration data given)"})."""
+        return dict(self._defaulted)
 
     def of(self, stage: str) -> Any:
         """The options object of one recipe stage (or SETTINGS / RUN): only its own fields."""
@@ -433,6 +507,18 @@ class _Compile:
     @property
     def structured(self) -> bool:
         return self.channels is not None or self.transformer
+
+    @property
+    def corrects(self) -> bool:
+        return self.bias_corrects or self.bn_reestimate
+
+    @property
+    def bias_corrects(self) -> bool:
+        """--bias-correct as asked, else on where calibration data is given for magnitude and wanda (its
+        gain for sparsegpt, whose weight update already keeps the mean, is within noise)."""
+        if self.bias_correct is not None:
+            return self.bias_correct
+        return self.calibrated and self.prunes_weights and self.method in BIAS_CORRECTED
 
     @property
     def folds_bn(self) -> bool:
@@ -457,6 +543,9 @@ class _Compile:
         needs = [f"--method {self.method}"] if self.method in CALIBRATED and self.prunes_weights else []
         needs += ["--owl"] if self.owl else []
         needs += ["--sequential"] if self.sequential else []
+        needs += ["--bias-correct"] if self.bias_correct else []
+        needs += ["--bn-reestimate"] if self.bn_reestimate else []
+        needs += ["--min-similarity"] if self.min_similarity is not None else []
         if needs and not self.calibrated:
             raise SparsecError(f"{' and '.join(needs)} needs calibration data",
                                "give --calib FILE.npz|DIR or --calib-random N")
@@ -464,6 +553,9 @@ class _Compile:
         if self.channels is not None and act and not self.calibrated:
             raise SparsecError("--channel-score act and --recover need calibration data",
                                "give --calib FILE.npz|DIR or --calib-random N")
+        if self.min_similarity is not None and not self.prunes_weights:
+            raise SparsecError("--min-similarity chooses which layers --nm/--sparsity prune",
+                               "give --nm N:M or --sparsity S (channel ratios are not chosen by it)")
         if self.sparse_initializers and not self.prunes_weights:
             raise SparsecError("--sparse-initializers stores pruned weights; structured pruning leaves "
                                "none", "use it with --nm or --sparsity")
@@ -475,7 +567,8 @@ class _Compile:
     def value_of(self, name: str) -> Any:
         """One option's value as plain data (strings, numbers, lists), as report.json and recipe files
         write it."""
-        value = self.folds_bn if name == "fold_bn" else getattr(self, name)
+        value = {"fold_bn": self.folds_bn, "bias_correct": self.bias_corrects}[name] \
+            if name in ("fold_bn", "bias_correct") else getattr(self, name)
         if isinstance(value, NMPattern | Choice):
             return str(value)
         if isinstance(value, dict):

@@ -15,6 +15,7 @@ from sparsec.errors import SparsecError
 
 CONTAINER = "weights.sparsec"  # the encoded weights (sparsec.encoding.blobs writes both)
 SKELETON = "skeleton.onnx"  # model.onnx without the encoded weights' bytes
+SKELETON_DATA = "skeleton.onnx.data"  # the skeleton's external data: every tensor not in the container
 
 
 def check_output_dir(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> None:
@@ -61,7 +62,8 @@ def _check_ours(out: Path) -> None:
         raise SparsecError(f"--force refuses to replace {out}: it was not written by sparsec (no sparsec "
                            f"report.json; it holds {entries[0].name})",
                            "remove it yourself or choose another -o")
-    known = {"model.onnx", "report.json", "recipe.yaml", CONTAINER, SKELETON, EXTERNAL_DATA_NAME}
+    known = {"model.onnx", "report.json", "recipe.yaml", CONTAINER, SKELETON, SKELETON_DATA,
+             EXTERNAL_DATA_NAME}
     for entry in entries:
         if not entry.is_file() or (entry.name not in known and entry.suffix != ".engine"):
             raise SparsecError(f"--force refuses to replace {out}: {entry} was not written by sparsec",

@@ -174,8 +174,11 @@ def _step_lines(steps: list[dict]) -> list[str]:
             check = f"; oracle skipped: {o['skipped']}"
         elif "cosine" in o:
             check = f"; oracle vs before: max |diff| {o['max_abs_diff']:.3g}, cosine {o['cosine']:.4f}"
-        else:
+        elif "max_abs_diff" in o:
             check = f"; oracle vs before, masked: max |diff| {o['max_abs_diff']:.3g}"
+        else:  # the correct stage: per-channel output means against the dense graph's
+            gaps = ", ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in o.items() if isinstance(v, float))
+            check = f"; oracle vs dense means: {gaps}" if gaps else ""
         lines.append(f"step {s['name']}: {s['plan']}{check}")
     return lines
 
@@ -194,6 +197,10 @@ def _verify_lines(v: dict | None) -> list[str]:
         lines.append(f"verify (onnxruntime, dense vs pruned, on {v.get('source', 'random inputs')}): "
                      f"max |diff| {v['max_abs_diff']:.3g}, mean |diff| {v['mean_abs_diff']:.3g}, "
                      f"{cosine}")
+        if (tok := v.get("next_token")) is not None:
+            lines.append(f"verify next token ({tok['output']}, greedy argmax): last position "
+                         f"{tok['last_position']:.1%} of {tok['sequences']} sequences, all positions "
+                         f"{tok['all_positions']:.1%} of {tok['positions']}")
         if v.get("informative") is False:
             lines.append(f"verify UNINFORMATIVE: {v['reason']}")
         for name, why in (v.get("uninformative_outputs") or {}).items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -135,26 +135,50 @@ class TensorStore:
                 tensor.data_location = onnx.TensorProto.DEFAULT
                 tensor.raw_data = np.ascontiguousarray(values).tobytes()
 
+    def on_disk(self, tensor: onnx.TensorProto) -> bool:
+        """True when the tensor's current values are the ones in its external data file."""
+        return external_info(tensor) is not None and id(tensor) not in self._pending
+
+    def forget(self, tensor: onnx.TensorProto) -> None:
+        """Drop the pending rewrite of a tensor that left the model (a replaced model's tensors must
+        not keep their values in memory until the save)."""
+        self._pending.pop(id(tensor), None)
+
     def has_external(self, model: onnx.ModelProto) -> bool:
         return any(external_info(t) is not None for t in iter_tensors(model.graph))
 
     def write_external(self, model: onnx.ModelProto, model_path: Path, data_name: str) -> None:
         """Stream every sizeable tensor into `data_name` beside `model_path`, 64-byte aligned."""
-        data_path = model_path.parent / data_name
-        with open(data_path, "wb") as f:
-            for tensor in iter_tensors(model.graph):
-                if not _has_values(tensor):
-                    continue
-                values = self.read(tensor)
-                if values.nbytes < INLINE_LIMIT and external_info(tensor) is None:
-                    continue
-                offset = -f.tell() % ALIGN
-                f.write(b"\0" * offset)
-                start = f.tell()
-                f.write(np.ascontiguousarray(values).data)
-                _point_to(tensor, data_name, start, values.nbytes)
+        self.write_external_copy(model, model, model_path.parent / data_name)
         self._pending.clear()
         self.base_dir = model_path.parent
+
+    def write_external_copy(self, model: onnx.ModelProto, copy: onnx.ModelProto, data_path: Path,
+                            skip: frozenset[int] = frozenset()) -> None:
+        """Write the values of `model`'s sizeable tensors (pending rewrites included) into
+        `data_path` and point the matching tensors of `copy` (a CopyFrom of it, or the model
+        itself) there; tensors whose position in iter_tensors is in `skip` are left alone."""
+        def items() -> Iterator[tuple[onnx.TensorProto, np.ndarray]]:
+            pairs = zip(iter_tensors(model.graph), iter_tensors(copy.graph), strict=True)
+            for i, (original, tensor) in enumerate(pairs):
+                if i in skip or not _has_values(original):
+                    continue
+                values = self.read(original)
+                if values.nbytes >= INLINE_LIMIT or external_info(original) is not None:
+                    yield tensor, values
+
+        write_aligned(items(), data_path)
+
+
+def write_aligned(items: Iterable[tuple[onnx.TensorProto, np.ndarray]], data_path: Path) -> None:
+    """Write each array into `data_path`, 64-byte aligned, and point its tensor there (location: the
+    file's name, beside the model). A generator of items keeps one array in memory at a time."""
+    with open(data_path, "wb") as f:
+        for tensor, values in items:
+            f.write(b"\0" * (-f.tell() % ALIGN))
+            start = f.tell()
+            f.write(np.ascontiguousarray(values).reshape(-1).view(np.uint8).data)  # bfloat16: no buffer
+            _point_to(tensor, data_path.name, start, values.nbytes)
 
 
 def inline_copy(model: onnx.ModelProto, store: TensorStore) -> onnx.ModelProto:
@@ -198,6 +222,12 @@ def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
                     yield from iter_tensors(g)
+
+
+def values_bytes(graph: onnx.GraphProto) -> int:
+    """Bytes of every tensor value in the graph, inline or external, from dims and dtypes (nothing read)."""
+    return sum(math.prod(t.dims) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in iter_tensors(graph) if _has_values(t))
 
 
 def _has_values(tensor: onnx.TensorProto) -> bool:

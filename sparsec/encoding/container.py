@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import tempfile
 import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,37 +43,49 @@ def _checksum(data: Any) -> str:
 
 def write_container(path: Path | str, tensors: dict[str, Encoded]) -> None:
     """Write all tensors atomically (temporary file in the same folder, then os.replace)."""
+    stream_container(path, tensors.items())
+
+
+def stream_container(path: Path | str, tensors: Iterable[tuple[str, Encoded]]) -> None:
+    """Write (name, encoding) pairs one at a time: given a generator, a model's blobs never sit in
+    memory together. The payloads go to a scratch file first (the manifest, which comes first,
+    needs every checksum), which is then copied behind the header; the file appears atomically."""
     path = Path(path)
-    entries, offset = [], 0
-    for name, enc in tensors.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
-        if enc.format not in FORMATS or enc.dtype not in DTYPES:
-            raise ValueError(f"tensor {name!r}: unknown format {enc.format!r} or dtype {enc.dtype!r}")
-        entries.append({"name": name, "shape": [int(d) for d in enc.shape], "dtype": enc.dtype,
-                        "format": enc.format, "params": enc.params, "offset": offset,
-                        "length": len(enc.payload), "checksum": _checksum(enc.payload)})
-        offset = _align(offset + len(enc.payload))
-    manifest = json.dumps({"alignment": ALIGN, "tensors": entries}, separators=(",", ":")).encode()
-    head = HEADER.pack(MAGIC, VERSION, len(manifest), zlib.crc32(manifest)) + manifest
+    entries: list[dict] = []
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    scratch = Path(tmp + ".data")
     try:
+        with open(scratch, "wb") as data:
+            for name, enc in tensors:
+                if not isinstance(name, str) or not name:
+                    raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+                if enc.format not in FORMATS or enc.dtype not in DTYPES:
+                    raise ValueError(f"tensor {name!r}: unknown format {enc.format!r} or dtype {enc.dtype!r}")
+                data.write(bytes(_align(data.tell()) - data.tell()))
+                entries.append({"name": name, "shape": [int(d) for d in enc.shape], "dtype": enc.dtype,
+                                "format": enc.format, "params": enc.params, "offset": data.tell(),
+                                "length": len(enc.payload), "checksum": _checksum(enc.payload)})
+                data.write(enc.payload)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600: the container gets the mode of a plain open()
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f, open(scratch, "rb") as data:
+            head = _head(entries)
             f.write(head + bytes(_align(len(head)) - len(head)))
-            pos = 0
-            for entry, enc in zip(entries, tensors.values(), strict=True):
-                f.write(bytes(entry["offset"] - pos))
-                f.write(enc.payload)
-                pos = entry["offset"] + entry["length"]
+            shutil.copyfileobj(data, f, 16 << 20)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def _head(entries: list[dict]) -> bytes:
+    manifest = json.dumps({"alignment": ALIGN, "tensors": entries}, separators=(",", ":")).encode()
+    return HEADER.pack(MAGIC, VERSION, len(manifest), zlib.crc32(manifest)) + manifest
 
 
 def _corrupt(path: Path, detail: str) -> SparsecError:
@@ -167,18 +181,23 @@ def _map(path: Path, size: int) -> np.ndarray:
 def read_container(path: Path | str, *, names: list[str] | None = None,
                    verify: bool = True) -> dict[str, np.ndarray]:
     """Decode the named tensors (default: all) from a memory map of the file."""
+    return dict(iter_container(path, names=names, verify=verify))
+
+
+def iter_container(path: Path | str, *, names: list[str] | None = None,
+                   verify: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, values) of the named tensors (default: all), decoded one at a time, in file order."""
     path = Path(path)
     entries, start, size = _read_head(path)
     chosen = _select(path, entries, names)
     data = _map(path, size)
-    out = {}
     for entry in chosen:
         buf = _payload(path, data, entry, start, size, verify)
         try:
-            out[entry["name"]] = decode_buffer(_encoded(entry), buf)
+            values = decode_buffer(_encoded(entry), buf)
         except ValueError as e:
             raise SparsecError(f"cannot decode tensor {entry['name']!r} in {path}: {e}") from e
-    return out
+        yield entry["name"], values
 
 
 def read_encoded(path: Path | str, name: str, *, verify: bool = True) -> Encoded:

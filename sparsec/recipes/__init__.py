@@ -13,6 +13,7 @@ from typing import Any
 from sparsec.core.options import RUN, SETTINGS, Choice, CompileOptions, NMPattern, declared, parse_shapes
 from sparsec.errors import SparsecError
 from sparsec.recipes.compile_run import CompileRun
+from sparsec.recipes.correct_step import correct_step
 from sparsec.recipes.steps import (
     channels_step,
     encode_step,
@@ -46,6 +47,8 @@ ORDER: tuple[Stage, ...] = (
     Stage("fold-bn", lambda o: o.folds_bn, fold_bn_step, "fold BatchNormalization into its producer"),
     Stage("weights", lambda o: o.prunes_weights, weights_step,
           "N:M or unstructured sparsity of the remaining weights"),
+    Stage("correct", lambda o: o.corrects, correct_step,
+          "bias correction and BatchNorm re-estimation on the calibration data"),
     Stage("precision", lambda o: o.precision != "fp32", precision_step, "convert to fp16/bf16"),
     Stage("encode", lambda o: o.prunes_weights or not o.structured, encode_step,
           "encode the pruned weights (weights.sparsec)"),

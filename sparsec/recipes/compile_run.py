@@ -19,7 +19,9 @@ from sparsec.recipes.step_oracle import StepOracle
 from sparsec.runtime.calib_data import input_specs, open_calibration
 from sparsec.runtime.calibrate import CalibrationSettings
 from sparsec.runtime.observe import layer_shapes
+from sparsec.runtime.scale_out import scale_out
 from sparsec.runtime.session import resolve_providers
+from sparsec.weights.lm_head import embedding_skips, lm_head_layers
 from sparsec.weights.selection import PruneTarget, select_targets
 
 
@@ -50,6 +52,7 @@ class CompileRun:
     targets: list[PruneTarget] = field(default_factory=list)  # the weights it pruned
     nothing: str | None = None  # the weights stage's one line when it had nothing to prune
     nm: NMPattern | None = None  # the pattern the weights stage pruned to (precision keeps it)
+    dense: onnx.ModelProto | None = None  # the graph before the weights stage, kept for the correct stage
     masked_oracle: dict | None = None
     encoding: dict | None = None
     blobs: dict = field(default_factory=dict)
@@ -75,7 +78,8 @@ class CompileRun:
             self.settings = CalibrationSettings(data=data, batch=opts.batch,
                                                 providers=tuple(resolve_providers(opts.providers)),
                                                 progress=False if self.options.quiet else None,
-                                                fixed_shapes=self.fixed)
+                                                fixed_shapes=self.fixed,
+                                                scale=scale_out(opts.workers, opts.ray))
         return self.settings
 
     def analyse(self) -> Analysed:
@@ -83,7 +87,10 @@ class CompileRun:
         start = time.perf_counter()
         model = self.ctx.model
         analysis = find_layers(model)
-        targets, skipped = select_targets(analysis, self.options)
+        targets, skipped = select_targets(analysis, self.options, lm_head_layers(model, analysis.layers))
+        if self.options.prunes_weights:
+            read = {x.weight for x in (*analysis.layers, *analysis.skipped)}
+            skipped += embedding_skips(model, read)
         macs = all_layer_macs(model, analysis.layers,
                               layer_shapes(model, self.ctx.store, analysis.layers, self.fixed))
         self.timings["analyze_s"] += time.perf_counter() - start

@@ -11,11 +11,13 @@ import numpy as np
 import onnx
 
 from sparsec.core.graph import TWO_GB
+from sparsec.core.tensors import TensorStore, values_bytes
 from sparsec.errors import SparsecError
-from sparsec.runtime.session import make_session_from_proto, random_feeds, run_checked
+from sparsec.runtime.session import make_session_from_proto, random_feeds, run_checked, session_on_store
 from sparsec.runtime.verify import compare_outputs
 
 FOLD_RTOL = 1e-4  # BatchNorm folding is exact up to float32 rounding
+PERMUTE_RTOL = 1e-5  # a channel permutation only reorders float32 sums
 AGAINST = "the graph before this step, same random inputs"
 
 
@@ -30,12 +32,15 @@ class StepOracle:
     names: list[str] = field(default_factory=list)
     reference: list[np.ndarray] | str | None = None  # outputs, or why the graph could not run
 
-    def outputs(self, model: onnx.ModelProto) -> list[np.ndarray] | str:
-        """The model's outputs on the shared feeds, or one line saying why it could not run."""
-        if model.ByteSize() >= TWO_GB:
+    def outputs(self, model: onnx.ModelProto, store: TensorStore | None = None) -> list[np.ndarray] | str:
+        """The model's outputs on the shared feeds, or one line saying why it could not run. With
+        `store`, the live graph runs on the store's values (no copy of the model, any size)."""
+        # over 2 GB, onnxruntime's own copy of the weights would come on top of the rewritten ones:
+        # no in-memory oracle (and no copy made to find that out)
+        if (model.ByteSize() if store is None else values_bytes(model.graph)) >= TWO_GB:
             return "the graph is over 2 GB: no in-memory step oracle (the final verify still runs)"
         try:
-            session = make_session_from_proto(model)
+            session = make_session_from_proto(model) if store is None else session_on_store(model, store)
             if self.feeds is None:
                 self.feeds = random_feeds(session, self.fixed, self.seed, ranges=self.ranges)
                 self.names = [o.name for o in session.get_outputs()]
@@ -48,12 +53,14 @@ class StepOracle:
     def before(self, snapshot) -> list[np.ndarray] | str:
         """The reference outputs (the graph before the step), run now if no step left them."""
         if self.reference is None:
-            self.reference = self.outputs(snapshot())
+            got = snapshot()  # a self-contained copy, or (model, store) of the live graph
+            self.reference = self.outputs(*got) if isinstance(got, tuple) else self.outputs(got)
         return self.reference
 
-    def check(self, before: list[np.ndarray] | str, model: onnx.ModelProto) -> dict:
+    def check(self, before: list[np.ndarray] | str, model: onnx.ModelProto,
+              store: TensorStore | None = None) -> dict:
         """Run the graph after the step, compare with `before`, keep its outputs for the next step."""
-        after = self.outputs(model)
+        after = self.outputs(model, store)
         self.reference = after
         if isinstance(before, str) or isinstance(after, str):
             return {"skipped": before if isinstance(before, str) else after, "against": AGAINST}

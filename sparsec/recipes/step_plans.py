@@ -20,7 +20,7 @@ class StepPlan:
 class TransformerStepPlan(StepPlan):
     blocks: int
     heads_removed: int
-    ffn_removed: int
+    ffn_removed: int  # FFN neurons (channel groups: a gated MLP's gate and up columns count once)
     tokens: tuple[float, int] | None = None  # (keep fraction, from layer)
 
     def summary(self) -> str:

@@ -10,10 +10,10 @@ import time
 from onnxconverter_common import float16
 
 from sparsec.channels.fold_bn import FoldBatchNormPass
+from sparsec.channels.permute_channels import PermuteChannelsPass
 from sparsec.channels.prune_channels import PruneChannelsPass
 from sparsec.channels.structured import plan_structured
 from sparsec.channels.structured_report import verify_masked
-from sparsec.core.graph import TWO_GB
 from sparsec.core.options import (
     ChannelsOptions,
     EncodeOptions,
@@ -26,7 +26,8 @@ from sparsec.core.output import CONTAINER, SKELETON
 from sparsec.encoding.blobs import encode_weights
 from sparsec.errors import SparsecError
 from sparsec.recipes.compile_run import CompileRun
-from sparsec.recipes.step_oracle import FOLD_RTOL
+from sparsec.recipes.policy_step import policy_weights
+from sparsec.recipes.step_oracle import FOLD_RTOL, PERMUTE_RTOL
 from sparsec.recipes.step_plans import (
     ChannelsPlan,
     EncodePlan,
@@ -78,11 +79,12 @@ def _step_oracle(run: CompileRun, passes: list) -> tuple[list, dict | None]:
     inputs: before (the previous step's outputs when it left them) and after."""
     if not run.shared.verify:
         return run.run_passes(passes), None
-    before = _timed(run, lambda: run.oracle.before(run.snapshot))
+    # the graph runs in place, its values fed from the store: no copy of the model, at any size
+    before = _timed(run, lambda: run.oracle.before(lambda: (run.ctx.model, run.ctx.store)))
     results = run.run_passes(passes)
     if not any(r.modified for r in results):
         return results, {"max_abs_diff": 0.0, "cosine": 1.0, "against": "unchanged: no pass modified it"}
-    return results, _timed(run, lambda: run.oracle.check(before, run.snapshot()))
+    return results, _timed(run, lambda: run.oracle.check(before, run.ctx.model, run.ctx.store))
 
 
 def transformer_step(run: CompileRun, opts: TransformerOptions) -> dict:
@@ -99,11 +101,17 @@ def transformer_step(run: CompileRun, opts: TransformerOptions) -> dict:
     typed = TransformerStepPlan(
         blocks=len(plan.blocks),
         heads_removed=sum(len(v) for v in plan.heads.removed.values()) if plan.heads else 0,
-        ffn_removed=len(plan.ffn.choice.removed) if plan.ffn else 0, tokens=plan.tokens)
+        ffn_removed=_neurons(plan.ffn) if plan.ffn else 0, tokens=plan.tokens)
     nothing = None if any(r.modified for r in results) else (
         "nothing removed: every head, FFN neuron and token was kept" if plan.blocks
         else "nothing removed: no attention block or FFN found")
     return _entry("transformer", typed, results, _masked_oracle(run, masked), nothing=nothing)
+
+
+def _neurons(plan) -> int:
+    """Removed channel groups: a gated MLP's neuron is one column of gate and one of up, counted once
+    (as report.channels.removed)."""
+    return len({int(plan.analysis.root[e]) for e in plan.choice.removed})
 
 
 def channels_step(run: CompileRun, opts: ChannelsOptions) -> dict:
@@ -125,8 +133,9 @@ def channels_step(run: CompileRun, opts: ChannelsOptions) -> dict:
     nothing = None if any(r.modified for r in results) else (
         "nothing removed: every channel group is kept whole"
         + (f" ({len(reasons)} reasons, first: {reasons[0]})" if reasons else ""))
+    defaults = run.options.channel_defaults  # what the data decided (--channel-score, --recover)
     return _entry("channels", typed, results, _masked_oracle(run, plan.compensation.masked, opts.recover),
-                  nothing=nothing)
+                  nothing=nothing, **({"defaults": defaults} if defaults else {}))
 
 
 def fold_bn_step(run: CompileRun, opts: FoldBNOptions) -> dict:
@@ -157,8 +166,42 @@ def weights_step(run: CompileRun, opts: WeightsOptions) -> dict:
     pattern = str(opts.nm) if opts.nm is not None else f"unstructured {opts.sparsity}"
     plan = WeightsPlan(pattern, str(opts.method), len(found.targets),
                        len({(s.name, s.weight) for s in found.skipped}), opts.owl)
+    permuted = None
+    if opts.permute and found.targets and not run.nothing:
+        permuted = permute_step(run, opts, found.targets, settings)
+        found = run.analyse()  # the permuted graph: same layers, reordered weights
+        run.weights, run.targets = found, found.targets
+    if run.options.corrects and found.targets and not run.nothing and not _default_correction_too_big(run):
+        run.dense = run.snapshot()  # the correct stage matches the pruned graph to this one
+    extra = {"permute": permuted} if permuted is not None else {}  # --permute: per group gain and time
+    if opts.min_similarity is not None and found.targets and not run.nothing:  # the quality-target policy
+        results, oracle, extra["policy"] = policy_weights(
+            run, opts, found, settings,
+            lambda targets, fit: _step_oracle(run, weight_passes(opts, targets, run.ctx.model, fit)))
+        return _entry("weights", plan, results, oracle, nothing=run.nothing, **extra)
     results, oracle = _step_oracle(run, weight_passes(opts, found.targets, run.ctx.model, settings))
-    return _entry("weights", plan, results, oracle, nothing=run.nothing)
+    return _entry("weights", plan, results, oracle, nothing=run.nothing, **extra)
+
+
+def permute_step(run: CompileRun, opts: WeightsOptions, targets, settings) -> dict:
+    """--permute: reorder coupled channels before the N:M masks (scores from a calibration of the
+    dense graph for wanda/sparsegpt; the weights passes calibrate the permuted graph again). Its
+    oracle: the permuted graph equals the graph before it within PERMUTE_RTOL, or nothing is written."""
+    passes: list = [CalibratePass(targets, settings)] if opts.calibrated_method and settings else []
+    passes.append(PermuteChannelsPass(targets, opts.nm, str(opts.method), run.fixed, run.shared.seed))
+    results, oracle = _step_oracle(run, passes)
+    if oracle is not None and oracle.get("max_rel_diff", 0.0) > PERMUTE_RTOL:
+        raise SparsecError(f"channel permutation changed the outputs by {oracle['max_rel_diff']:.3g} "
+                           f"(relative, more than {PERMUTE_RTOL:g})",
+                           "nothing was written; compile without --permute and report this model")
+    return {**results[-1].details, "oracle": oracle}
+
+
+def _default_correction_too_big(run: CompileRun) -> bool:
+    """Default bias correction needs an in-memory dense copy of the model: not for a model whose weights
+    live in external data (memory stays bounded by one inference); --bias-correct asks for it anyway."""
+    options = run.options
+    return options.bias_correct is None and not options.bn_reestimate and run.loaded.external
 
 
 def weight_passes(options: WeightsOptions, targets, model, settings) -> list:
@@ -175,7 +218,9 @@ def weight_passes(options: WeightsOptions, targets, model, settings) -> list:
                                         level=level if options.sequential else None))
         if gram:
             passes.append(SparseGPTPass(group, nm=options.nm, sparsity=options.sparsity,
-                                        block_size=options.block_size, damp=options.damp))
+                                        block_size=options.block_size, damp=options.damp,
+                                        scale=settings.scale if settings is not None else None,
+                                        progress=settings.progress if settings is not None else False))
         else:
             passes.append(PruneWeightsPass(group, nm=options.nm, sparsity=options.sparsity,
                                            group=options.group, method=options.method))
@@ -210,9 +255,8 @@ def encoding_section(run: CompileRun, opts: EncodeOptions) -> tuple[dict, dict]:
         return {"skipped": "no weight was pruned (--fold-bn only)"}, {}
     if opts.encode == "none":
         return {"skipped": "--encode none"}, {}
-    if opts.sparse_initializers or run.loaded.external or ctx.model.ByteSize() >= TWO_GB:
-        why = "--sparse-initializers" if opts.sparse_initializers else "the model uses external data"
-        return {"skipped": f"{why}: weights.sparsec is written for self-contained models only"}, {}
+    if opts.sparse_initializers:
+        return {"skipped": "--sparse-initializers: the pruned weights are stored in model.onnx"}, {}
     pruned = {n for r in run.results for w in r.details.get("weights", []) for n in w.layers}
     layers = [la for la in run.weights.analysis.layers if la.name in pruned]
     if not layers:

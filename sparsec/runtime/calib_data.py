@@ -25,7 +25,8 @@ from sparsec.core.shapes import static_dim
 from sparsec.errors import SparsecError
 from sparsec.runtime.calib_checks import Chunk, InputSpec, Source, check_finite
 from sparsec.runtime.calib_draws import open_random, open_reader, random_range
-from sparsec.runtime.calib_files import open_path
+from sparsec.runtime.calib_files import open_path, path_names
+from sparsec.runtime.kv_cache import plan_cache_fill
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -148,15 +149,22 @@ def open_calibration(
     if samples is not None and samples < 1:
         raise SparsecError(f"--calib-samples {samples} must be at least 1")
     batchable = all(s.shape and not isinstance(s.shape[0], int) for s in specs)
+    fill = plan_cache_fill(specs)  # a decoder: the data may leave out its cache, mask and positions
+    given = {s.name for s in specs}
+    if fill is not None and reader is None:  # a reader's feeds are filled one by one instead
+        given -= fill.names - (path_names(Path(path)) if path is not None else set())
+    wanted = [s for s in specs if s.name in given]
     if path is not None:
-        source = open_path(specs, Path(path))
+        source = open_path(wanted, Path(path))
     elif reader is not None:
-        source = open_reader(specs, reader, samples, batchable)
+        source = open_reader(specs, fill.reader(reader) if fill else reader, samples, batchable)
     else:
         if random_samples < 1:
             raise SparsecError(f"--calib-random {random_samples} must be at least 1")
         check_ranges(specs, ranges or {})
-        source = open_random(specs, random_samples, ranges or {}, shapes or {}, seed)
+        source = open_random(wanted, random_samples, ranges or {}, shapes or {}, seed)
+    if fill is not None:
+        source = fill.source(source, given)
     if source.count == 0:
         raise SparsecError(f"calibration data in {source.label} is empty (0 samples)")
     if samples is not None and samples > source.count:

@@ -124,6 +124,20 @@ def _open_sample_dir(specs: list[InputSpec], path: Path, found: list[Path]) -> S
     return Source(f"{path} ({len(found)} .npz samples)", len(found), chunks)
 
 
+def path_names(path: Path) -> set[str]:
+    """The input names a calibration path holds (headers only; empty when it cannot be read: open_path
+    then says why)."""
+    try:
+        if path.is_file():
+            return set(_npz_headers(path))
+        if path.is_dir():
+            npz = sorted(path.glob("*.npz"))
+            return set(_npz_headers(npz[0])) if npz else {f.stem for f in path.glob("*.npy")}
+    except SparsecError:
+        pass
+    return set()
+
+
 def open_path(specs: list[InputSpec], path: Path) -> Source:
     if path.is_file():
         return _open_npz(specs, path)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -23,7 +23,9 @@ from sparsec.runtime.instrument import (
 )
 from sparsec.runtime.observe import observe_shapes
 from sparsec.runtime.progress import Progress
+from sparsec.runtime.scale_out import ScaleOut, sharded_sums
 from sparsec.runtime.session import run_checked, session_with_values
+from sparsec.runtime.stat_sums import StatSums
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class CalibrationSettings:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     progress: bool | None = None  # None: only on a terminal
     fixed_shapes: dict = field(default_factory=dict)
+    scale: ScaleOut | None = None  # --workers / --ray: batches sharded over Ray workers
 
 
 def collect_stats(model: onnx.ModelProto, store: TensorStore, layers: list[Layer],
@@ -67,9 +70,7 @@ def collect_stats(model: onnx.ModelProto, store: TensorStore, layers: list[Layer
     """Statistics of every layer's input over all calibration samples."""
     start = time.perf_counter()
     if not settings.fixed_shapes:  # symbolic dims as 1: ranks then come from inference, not a run
-
-        settings = CalibrationSettings(settings.data, settings.batch, settings.providers,
-                                       settings.progress, fixed_input_shapes(model, {}))
+        settings = replace(settings, fixed_shapes=fixed_input_shapes(model, {}))
     types = infer_types(model, settings.fixed_shapes)
     nodes = model.graph.node
     ranks = {name: rank for name, (_, rank) in types.items()}
@@ -87,8 +88,15 @@ def collect_stats(model: onnx.ModelProto, store: TensorStore, layers: list[Layer
     graph = instrumented_graph(model, spec_list, ranks, {k: v[0] for k, v in types.items()})
     used = {i for n in graph.graph.node for i in [*n.input, *subgraph_reads(n)]}  # outer scope too
     tensors = [t for t in model.graph.initializer if t.name in used]
-    session = session_with_values(graph, tensors, store, list(settings.providers))
-    sums, rows, grams, seen = _accumulate(session, [o.name for o in graph.graph.output], spec_list, settings)
+    with Progress(settings.data.num_samples, "calibrating", enabled=settings.progress) as bar:
+        batches = settings.data.sized_batches(settings.batch)
+        if settings.scale is None:
+            session = session_with_values(graph, tensors, store, list(settings.providers))
+            total = _accumulate(session, [o.name for o in graph.graph.output], spec_list, batches, bar.update)
+        else:
+            total = sharded_sums(settings.scale, graph, tensors, store, spec_list, batches,
+                                 list(settings.providers), bar.update)
+    sums, rows, grams, seen = total.sums, total.rows, total.grams, total.seen
     if seen == 0:
         raise SparsecError("calibration data yielded no samples", "check --calib")
     stats = {key: _stats(s, sums, rows, grams) for key, s in specs.items()}
@@ -104,24 +112,14 @@ def collect_stats(model: onnx.ModelProto, store: TensorStore, layers: list[Layer
     )
 
 
-def _accumulate(session, names: list[str], spec_list: list[StatSpec], settings: CalibrationSettings):
-    """Run every batch and add up the reducers' outputs in float64: (sums, rows, grams, samples)."""
-    sums = {o: np.zeros(s.channels) for s in spec_list for o in (s.sumsq_output, s.sum_output)}
-    grams = {s.gram_output: np.zeros((s.channels, s.channels)) for s in spec_list if s.gram_output}
-    rows = {s.size_output: 0 for s in spec_list}
-    seen = 0
-    with Progress(settings.data.num_samples, "calibrating", enabled=settings.progress) as bar:
-        for n, feeds in settings.data.sized_batches(settings.batch):
-            outs = dict(zip(names, run_checked(session, names, feeds, "the calibration graph"), strict=True))
-            for spec in spec_list:
-                sums[spec.sumsq_output] += outs[spec.sumsq_output]
-                sums[spec.sum_output] += outs[spec.sum_output]
-                rows[spec.size_output] += int(outs[spec.size_output]) // spec.channels
-                if spec.gram_output:
-                    grams[spec.gram_output] += outs[spec.gram_output]
-            seen += n
-            bar.update(n)
-    return sums, rows, grams, seen
+def _accumulate(session, names: list[str], spec_list: list[StatSpec], batches, done) -> StatSums:
+    """Run every batch in this process and add up the reducers' outputs in float64."""
+    total = StatSums(spec_list)
+    for n, feeds in batches:
+        outs = run_checked(session, names, feeds, "the calibration graph")
+        total.add(dict(zip(names, outs, strict=True)), n)
+        done(n)
+    return total
 
 
 def _stats(spec: StatSpec, sums, rows, grams) -> ActivationStats:

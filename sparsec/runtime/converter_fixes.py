@@ -19,13 +19,16 @@ from sparsec.runtime.lowp_support import norm_variance_nodes, type_blocked_outpu
 from sparsec.runtime.nested_graphs import graphs, nested_reads, rename_inputs, route_outer_reads
 
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
+PLACEHOLDER = "sparsec-placeholder"  # location of external tensors whose values precision_external fills
 
 
 def prepare(model: onnx.ModelProto, block_ops: set[str]) -> tuple[set[str], set[str]]:
     """Make the model safe for the converter; return the nodes blocked by name (norm variance) and
     the model's own unblocked Cast(to=FLOAT) nodes, which must produce fp16 after conversion."""
     g = model.graph
-    if any(t.data_location == TensorProto.EXTERNAL for t in g.initializer):
+    if any(t.data_location == TensorProto.EXTERNAL
+           and not any(e.key == "location" and e.value == PLACEHOLDER for e in t.external_data)
+           for t in g.initializer):
         raise SparsecError(
             "precision conversion needs the weights in memory",
             hint="load the model with onnx.load(path, load_external_data=True)",

@@ -53,7 +53,9 @@ def _to_bf16(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
     )
 
     def redo(t: TensorProto, key: str) -> None:
-        if t.data_type == F16:
+        if t.data_type == F16 and t.data_location == TensorProto.EXTERNAL:  # precision_external fills it
+            t.data_type = BF16
+        elif t.data_type == F16:
             arr = numpy_helper.to_array(src[key] if key in src else t).astype(np.float32)
             t.CopyFrom(numpy_helper.from_array(arr.astype(ml_dtypes.bfloat16), t.name))
 
@@ -71,7 +73,7 @@ def _to_bf16(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
                 v.type.tensor_type.elem_type = BF16
 
 
-def convert_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
+def convert_precision(model: onnx.ModelProto, precision: str, check: bool = True) -> onnx.ModelProto:
     """An fp16/bf16 copy of an fp32 model with float32 I/O; ``fp32`` returns ``model`` itself.
 
     The result passes ``onnx.checker.check_model(full_check=True)`` and has no unused
@@ -95,6 +97,14 @@ def convert_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto
     cleanup(out.graph)
     if precision == "bf16":
         _to_bf16(out, src)
+    if check:
+        check_converted(out, precision)
+    return out
+
+
+def check_converted(out: onnx.ModelProto | str, precision: str) -> None:
+    """``onnx.checker`` with full_check on the converted model (or its path, whose folder holds its
+    external data); a failure is a conversion bug."""
     try:
         onnx.checker.check_model(out, full_check=True)
     except Exception as exc:  # noqa: BLE001 - any checker failure here is a conversion bug
@@ -102,7 +112,6 @@ def convert_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto
             f"{precision} conversion produced an invalid model: {str(exc).strip()[:300]}",
             hint="build with --precision fp32 and report this model",
         ) from exc
-    return out
 
 
 def _check_fp32(model: onnx.ModelProto) -> None:

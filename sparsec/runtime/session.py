@@ -12,8 +12,10 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from sparsec.core.graph import load_model
-from sparsec.core.tensors import TensorStore
+from sparsec.core.tensors import TensorStore, external_info, inline_copy
 from sparsec.errors import SparsecError
+from sparsec.runtime.calib_checks import InputSpec
+from sparsec.runtime.kv_cache import CacheFill, plan_cache_fill
 
 ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -104,20 +106,33 @@ def resolve_providers(names: list[str] | tuple[str, ...]) -> list[str]:
 
 
 def session_with_values(model: onnx.ModelProto, tensors: list[onnx.TensorProto], store: TensorStore,
-                        providers: list[str] | None = None) -> ort.InferenceSession:
+                        providers: list[str] | None = None, threads: int | None = None
+                        ) -> ort.InferenceSession:
     """A session on `model` (which has no initializers) with `tensors` fed from the store.
 
     Large values go to onnxruntime as OrtValues over numpy arrays, so no copy of the model
-    is ever serialized and models over 2 GB work too.
+    is ever serialized and models over 2 GB work too. `threads`: onnxruntime's intra-op threads
+    (one per Ray worker, so N workers share the cores instead of oversubscribing them).
     """
     opts = ort.SessionOptions()
     opts.log_severity_level = log_severity()
+    if threads is not None:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     # extended fusions rewrite attention into kernels that mishandle the pruned-to-the-statistics
     # graph (seen: a Slice fed a scalar); basic optimizations keep the speed that matters here
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     names, values, keep = [], [], []
     graph_inputs = {i.name for i in model.graph.input}
+    # values still in the model's data file stay references onnxruntime maps itself: fed as OrtValues
+    # they would be held twice (the mapped pages and onnxruntime's own copy)
+    on_disk = getattr(store, "on_disk", None)  # duck-typed stores (a Ray worker's arrays) have no files
+    if on_disk is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                      str(store.base_dir))
     for tensor in tensors:
+        if on_disk is not None and on_disk(tensor) and tensor.name not in graph_inputs:
+            model.graph.initializer.append(tensor)
+            continue
         array = np.require(store.read(tensor), requirements="C")  # ascontiguousarray makes a scalar 1-d
         # an initializer that is also a graph input is an overridable default: onnxruntime takes it
         # only from the model itself, not as an external initializer
@@ -143,6 +158,20 @@ def session_with_values(model: onnx.ModelProto, tensors: list[onnx.TensorProto],
         raise SparsecError(f"onnxruntime cannot run the calibration graph: {first}") from None
     session._sparsec_keepalive = (values, keep)  # onnxruntime reads these buffers in place
     return session
+
+
+def session_on_store(model: onnx.ModelProto, store: TensorStore) -> ort.InferenceSession:
+    """A CPU session on the graph as it is now, its initializers fed from the store (pending
+    rewrites included): no inline copy of the model is made or serialized, at any size."""
+    if any(external_info(t) is not None for node in model.graph.node for a in node.attribute
+           if a.type == onnx.AttributeProto.TENSOR for t in [a.t]) or \
+            any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                for node in model.graph.node for a in node.attribute):
+        return make_session_from_proto(inline_copy(model, store))  # values outside the initializers
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    del light.graph.initializer[:]
+    return session_with_values(light, list(model.graph.initializer), store)
 
 
 _ORT_VALUE_DTYPES = {"float32", "float16", "float64", "int64", "int32", "int8", "uint8"}
@@ -187,4 +216,20 @@ def random_feeds(
         else:
             lo, hi = int_range if given is None else (int(given[0]), int(given[1]))
             feeds[arg.name] = rng.integers(lo, hi, shape).astype(dtype)
-    return feeds
+    return fill_decoder_inputs(session, feeds)
+
+
+def session_cache_fill(session: ort.InferenceSession) -> CacheFill | None:
+    """The KV-cache fill plan of a session's inputs (None: not a decoder with a cache)."""
+    specs = [InputSpec(a.name, np.dtype(ORT_DTYPES[a.type]), tuple(a.shape)) for a in session.get_inputs()
+             if a.type in ORT_DTYPES]
+    return plan_cache_fill(specs)
+
+
+def fill_decoder_inputs(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A decoder's random feed as a first step: empty cache, mask of ones, positions counted (random
+    masks and positions would index out of range; a past comes only from --calib data)."""
+    fill = session_cache_fill(session)
+    if fill is None:
+        return feeds
+    return fill.fill({k: v for k, v in feeds.items() if k not in fill.names})

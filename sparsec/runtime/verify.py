@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from sparsec.runtime.session import make_session, random_feeds, run_checked
+from sparsec.runtime.next_token import agreement, logits_output
+from sparsec.runtime.session import make_session, random_feeds, run_checked, session_cache_fill
 
 VERIFY_SAMPLES = 8  # calibration samples both models run on
 DEGENERATE_RTOL = 1e-6  # a dense output with std below this × max|x| is constant
@@ -49,6 +50,7 @@ class VerifyResult:
     seed: int
     source: str = "random"
     assumed_dims: dict[str, list[int]] = field(default_factory=dict)
+    next_token: dict | None = None  # greedy agreement of a language model's logits (next_token.py)
 
     @property
     def informative(self) -> bool:
@@ -75,6 +77,8 @@ class VerifyResult:
                 f" on these inputs, so the comparison says nothing: {hint}"
         if self.assumed_dims:
             out["assumed_dims"] = self.assumed_dims
+        if self.next_token is not None:
+            out["next_token"] = self.next_token
         return out
 
 
@@ -138,6 +142,8 @@ def random_inputs(session, shapes: dict[str, tuple[int, ...]], seed: int,
     source = f"random inputs (seed {seed}; {ranged + ', else ' if ranged else ''}floats N(0,1), " \
              "integers in [0, 2))"
     feeds = random_feeds(session, shapes, seed, ranges=ranges)
+    if (fill := session_cache_fill(session)) is not None:
+        source += f"; {fill.describe()}"
     return VerifyInputs([feeds], source, dict(assumed_dims or {}))
 
 
@@ -150,11 +156,19 @@ def verify_models(
 ) -> VerifyResult:
     """Both models in onnxruntime on the same inputs: `inputs`, or one random feed (dtypes respected)."""
     dense = make_session(dense_path)
-    other = make_session(other_path)
     inputs = inputs or random_inputs(dense, shapes, seed)
     names = [o.name for o in dense.get_outputs()]
-    diffs = compare_outputs(run_batches(dense, names, inputs.batches),
-                            run_batches(other, names, inputs.batches), names)
+    runs_dense = [run_checked(dense, names, feeds) for feeds in inputs.batches]
+    cached = session_cache_fill(dense) is not None
+    del dense  # one model in onnxruntime at a time: a large model's weights are not held twice
+    other = make_session(other_path)
+    runs_other = [run_checked(other, names, feeds) for feeds in inputs.batches]
+    del other
+    diffs = compare_outputs(_flat(runs_dense, len(names)), _flat(runs_other, len(names)), names)
+    shapes = [np.shape(r) for r in runs_dense[0]]
+    lm = logits_output(names, shapes, cached)
+    tokens = None if lm is None else \
+        agreement(names[lm], [r[lm] for r in runs_dense], [r[lm] for r in runs_other])
     return VerifyResult(
         max_abs_diff=max((d.max_abs_diff for d in diffs), default=0.0),
         mean_abs_diff=float(np.mean([d.mean_abs_diff for d in diffs])) if diffs else 0.0,
@@ -163,4 +177,9 @@ def verify_models(
         seed=seed,
         source=inputs.source,
         assumed_dims=inputs.assumed_dims,
+        next_token=tokens,
     )
+
+
+def _flat(runs: list[list[np.ndarray]], n: int) -> list[np.ndarray]:
+    return [np.concatenate([np.asarray(r[i]).ravel() for r in runs]) for i in range(n)]

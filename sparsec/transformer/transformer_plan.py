@@ -15,7 +15,9 @@ import onnx
 from sparsec.core.layers import find_layers
 from sparsec.core.tensors import TensorStore
 from sparsec.errors import SparsecError
+from sparsec.runtime.calib_data import input_specs
 from sparsec.runtime.calibrate import collect_stats
+from sparsec.runtime.kv_cache import plan_cache_fill
 from sparsec.transformer.attention import AttentionAnalysis, AttentionBlock, find_attention
 from sparsec.transformer.projection_walk import part_columns
 
@@ -98,6 +100,7 @@ def _choose_units(scores: dict[str, np.ndarray], ratio: float, per_layer: int | 
 
 
 def plan_heads(model, store, ratio: float | None, per_layer: int | None, settings=None) -> HeadPlan:
+    _refuse_kv_cache(model)
     analysis = find_attention(model)
     if not analysis.blocks:
         reasons = "; ".join(f"{n}: {r}" for n, r in analysis.unexplained[:3]) or "no Softmax"
@@ -136,3 +139,18 @@ def cost_model(blocks, ffn_width: dict[str, int], batch: int, seq: int | dict[st
         ffn = ffn_width.get(b.name, 4 * hidden)
         total += batch * seq * (4 * hidden * width + 2 * hidden * ffn) + 2 * batch * seq * seq * width
     return total
+
+
+def _refuse_kv_cache(model) -> None:
+    """Removing a K/V head changes the shape of the cache a decoder reads and writes (every caller's
+    cache buffers): refused, named, rather than writing a model whose cache no longer fits."""
+    try:
+        fill = plan_cache_fill(input_specs(model))
+    except SparsecError:  # an input without a tensor shape: not a decoder's cache
+        return
+    if fill is not None:
+        spec = fill.past[0][0]
+        dims = ", ".join(str(d) for d in spec.shape)
+        raise SparsecError(f"--heads on a decoder with a KV cache ({spec.name} [{dims}]): removing heads "
+                           "would change the cache inputs' and outputs' shapes, which sparsec does not do",
+                           "use --ffn and --nm/--sparsity on decoders")

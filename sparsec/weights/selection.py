@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from sparsec.core.layers import Layer, LayerAnalysis, Skipped
 from sparsec.core.options import CompileOptions
+from sparsec.weights.lm_head import LM_HEAD_KIND
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,19 @@ def nm_skip_reason(layer: Layer, m: int, everywhere: bool = False) -> str | None
 
 
 def select_targets(
-    analysis: LayerAnalysis, options: CompileOptions
+    analysis: LayerAnalysis, options: CompileOptions, lm_heads: dict[str, str] | None = None
 ) -> tuple[list[PruneTarget], list[Skipped]]:
-    """Split the analysis into weights to prune and layers left dense (with reasons)."""
+    """Split the analysis into weights to prune and layers left dense (with reasons); `lm_heads`
+    (weight -> logits output, `lm_head.lm_head_layers`) stay dense unless --prune-lm-head."""
     include = re.compile(options.include) if options.include else None
     exclude = re.compile(options.exclude) if options.exclude else None
     targets: list[PruneTarget] = []
     skipped: list[Skipped] = list(analysis.skipped)
     for weight, users in analysis.by_weight().items():
         reason, kind = _reason(users, options, include, exclude)
+        if reason is None and weight in (lm_heads or {}) and not options.prune_lm_head:
+            reason, kind = (f"LM head (writes {lm_heads[weight]}): left dense like the embeddings; "
+                            "--prune-lm-head prunes it"), LM_HEAD_KIND
         if reason is None:
             targets.append(PruneTarget(tuple(users)))
         else:

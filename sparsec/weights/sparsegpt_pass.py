@@ -9,6 +9,8 @@ import numpy as np
 from sparsec.core.graph_index import GraphIndex, to_effective, to_stored
 from sparsec.core.options import NMPattern
 from sparsec.core.pipeline import PassContext, PassResult
+from sparsec.runtime.progress import Progress
+from sparsec.runtime.scale_out import ScaleOut, ordered_map
 from sparsec.weights.scores import as_rows, from_rows
 from sparsec.weights.selection import PruneTarget
 from sparsec.weights.sparsegpt_solver import sparsegpt_prune
@@ -51,6 +53,8 @@ class SparseGPTPass:
     sparsity: float | None = None
     block_size: int = 128
     damp: float = 0.01
+    scale: ScaleOut | None = None  # --workers / --ray: the per-layer solves as Ray tasks
+    progress: bool | None = None  # layers solved and ETA on stderr; None: only on a terminal, False: -q
     name: str = "sparsegpt"
     requires: frozenset[str] = frozenset({"calibration"})
 
@@ -66,32 +70,13 @@ class SparseGPTPass:
                     or calib.layers[t.layer.name].gram is None)]
         finite = finite_targets(ctx, index, self.targets)
         fallback = [t for t in fallback if t in finite]
-        for target in finite:
-            if target in fallback:
-                continue
-            layer = target.layer
-            patch = layer.name in patched
-            stats = calib.patches[layer.name] if patch else calib.layers[layer.name]
-            tensor = index.constant(layer.source)
-            stored = ctx.store.read(tensor)
-            effective = to_effective(stored, layer.source.steps)
-            sparsity = ratios.get(target.weight, self.sparsity)
-            rows = _patch_rows(effective) if patch else as_rows(layer, effective)
-            result = sparsegpt_prune(
-                rows, stats.gram, stats.rows,
-                sparsity=None if self.nm else sparsity, n=self.nm.n if self.nm else None,
-                m=self.nm.m if self.nm else None, block_size=self.block_size, percdamp=self.damp)
-            new_eff = (_from_patch_rows(result.weight, effective.shape) if patch
-                       else from_rows(layer, result.weight)).astype(stored.dtype)
-            new_stored = np.ascontiguousarray(to_stored(new_eff, layer.source.steps))
-            ctx.store.write(tensor, new_stored)
-            # exact, from the solve itself: ‖(W − Ŵ)X‖/‖WX‖ over the rows (or im2col patches) it multiplies
-            error, basis = result.error_after, "gram (im2col)" if patch else "gram"
-            done.append(PrunedWeight(
-                layer.weight, tuple(u.name for u in target.layers),
-                str(self.nm) if self.nm else "unstructured/sparsegpt", stored.size,
-                int(np.count_nonzero(stored)), int(np.count_nonzero(new_stored)), "sparsegpt",
-                calib.samples, error, basis))
+        solved = [t for t in finite if t not in fallback]
+        jobs = self._jobs(ctx, index, calib, ratios, solved, patched)
+        with Progress(len(solved), "sparsegpt", enabled=self.progress if solved else False,
+                      unit="layers") as bar:
+            for (target, tensor, stored, shape, patch), res in ordered_map(self.scale, sparsegpt_prune, jobs):
+                bar.update()
+                done.append(self._write(ctx, calib, target, tensor, stored, shape, patch, res))
         if fallback:
             wanda_pass = PruneWeightsPass(fallback, nm=self.nm, sparsity=self.sparsity, method="wanda")
             quantized = {t.weight for t in fallback if t.layer.source.dequant is not None}
@@ -101,3 +86,37 @@ class SparseGPTPass:
                 done.append(PrunedWeight(**{**p.__dict__, "note": note}))
         modified = any(p.nonzeros != p.nonzeros_before for p in done)
         return PassResult(self.name, modified, {"weights": done})
+
+    def _write(self, ctx: PassContext, calib, target: PruneTarget, tensor, stored: np.ndarray,
+               shape: tuple[int, ...], patch: bool, result) -> PrunedWeight:
+        """Store one solved weight back in its stored layout; its report row."""
+        layer = target.layer
+        new_eff = (_from_patch_rows(result.weight, shape) if patch
+                   else from_rows(layer, result.weight)).astype(stored.dtype)
+        new_stored = np.ascontiguousarray(to_stored(new_eff, layer.source.steps))
+        ctx.store.write(tensor, new_stored)
+        # exact, from the solve itself: ‖(W − Ŵ)X‖/‖WX‖ over the rows (or im2col patches) it multiplies
+        error, basis = result.error_after, "gram (im2col)" if patch else "gram"
+        return PrunedWeight(
+            layer.weight, tuple(u.name for u in target.layers),
+            str(self.nm) if self.nm else "unstructured/sparsegpt", stored.size,
+            int(np.count_nonzero(stored)), int(np.count_nonzero(new_stored)), "sparsegpt",
+            calib.samples, error, basis)
+
+    def _jobs(self, ctx: PassContext, index: GraphIndex, calib, ratios: dict, targets: list[PruneTarget],
+              patched: set[str]):
+        """One solve per layer, read lazily: (what the write-back needs, args, kwargs) for ordered_map.
+        The solves are independent, so --workers/--ray run them as Ray tasks."""
+        for target in targets:
+            layer = target.layer
+            patch = layer.name in patched
+            stats = calib.patches[layer.name] if patch else calib.layers[layer.name]
+            tensor = index.constant(layer.source)
+            stored = ctx.store.read(tensor)
+            effective = to_effective(stored, layer.source.steps)
+            sparsity = ratios.get(target.weight, self.sparsity)
+            rows = _patch_rows(effective) if patch else as_rows(layer, effective)
+            kwargs = {"sparsity": None if self.nm else sparsity, "n": self.nm.n if self.nm else None,
+                      "m": self.nm.m if self.nm else None, "block_size": self.block_size,
+                      "percdamp": self.damp}
+            yield (target, tensor, stored, effective.shape, patch), (rows, stats.gram, stats.rows), kwargs

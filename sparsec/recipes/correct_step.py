@@ -1,0 +1,75 @@
+"""The correct stage: bias correction and BatchNorm re-estimation after pruning (sparsec.weights.
+correct_pass), planned on the graph the weights stage left and on the graph it started from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sparsec.core.names import node_ids
+from sparsec.core.options import CorrectOptions
+from sparsec.recipes.compile_run import CompileRun
+from sparsec.recipes.step_plans import StepPlan
+from sparsec.weights.correct_pass import CorrectPass
+
+
+@dataclass(frozen=True)
+class CorrectPlan(StepPlan):
+    layers: int  # pruned layers whose output mean is matched to the dense graph's
+    affine: int  # of those, producers a BatchNorm was folded into (mean and deviation)
+    batchnorms: bool  # unfused BatchNorms re-estimated
+    how: str = ""  # whether bias correction was a default
+
+    def summary(self) -> str:
+        parts = [f"bias-correct {self.layers} pruned layers{self.how}"] if self.layers else []
+        if self.affine:
+            parts.append(f"match mean and deviation of {self.affine} of them (BatchNorm folded)")
+        parts += ["re-estimate every unfused BatchNorm"] if self.batchnorms else []
+        return "; ".join(parts) or "nothing to correct"
+
+
+def correct_step(run: CompileRun, opts: CorrectOptions) -> dict:
+    """Correct the pruned graph on the calibration data; its oracle: the corrected layers' output means
+    (and re-estimated BatchNorm statistics) measured again, against the dense graph's (and the written
+    statistics)."""
+    graph = run.ctx.model.graph
+    pruned = {n for r in run.results for w in r.details.get("weights", []) for n in w.layers
+              if w.nonzeros != w.nonzeros_before}
+    folded = {p for r in run.results if r.name == "fold-bn" for _, p in r.details.get("folded", [])}
+    outputs, affine = {}, set()
+    for node_id, node in zip(node_ids(graph), graph.node, strict=True):
+        if node_id in pruned and node.output:
+            outputs[node.output[0]] = node_id
+            if opts.bn_reestimate and (node.name or node.output[0]) in folded:
+                affine.add(node_id)
+    bias = run.options.bias_corrects  # --bias-correct as asked, or its default (None: resolved there)
+    if run.dense is None and outputs and bias and opts.bias_correct is None and not opts.bn_reestimate:
+        return {"name": "correct", "plan": str(CorrectPlan(0, 0, False)), "passes": [], "modified": False,
+                "oracle": None, "nothing": None, "layers": [], "batchnorms": [], "levels": 0, "samples": 0,
+                "skipped": "default bias correction left out: the model keeps its weights in external data "
+                           "and the correction needs an in-memory dense copy (--bias-correct forces it)"}
+    if not bias:
+        outputs = {t: n for t, n in outputs.items() if n in affine}
+    if not outputs and not opts.bn_reestimate:  # no pass: the weights stage says why nothing was pruned
+        return {"name": "correct", "plan": str(CorrectPlan(0, 0, False)), "passes": [], "modified": False,
+                "oracle": None, "nothing": None, "skipped": "no layer was pruned", "layers": [],
+                "batchnorms": [], "levels": 0, "samples": 0}
+    default = bias and opts.bias_correct is None
+    plan = CorrectPlan(len(outputs), len(affine), opts.bn_reestimate,
+                       "; bias correction on (default with calibration data)" if default else "")
+    results = run.run_passes([CorrectPass(run.dense, outputs, run.calibration(), opts.bn_reestimate,
+                                          affine, samples=opts.correct_samples)])
+    details = results[0].details
+    run.dense = None  # the dense copy is no longer needed
+    nothing = None
+    if not results[0].modified:
+        kept = details["batchnorms_kept"]
+        nothing = ("nothing corrected: no layer was pruned" + (" and the model has no re-estimable "
+                   "BatchNorm" if opts.bn_reestimate else "")
+                   + (f" ({len(kept)} BatchNorm kept, first: {kept[0][0]}: {kept[0][1]})" if kept else ""))
+    oracle = dict(details["oracle"], against="the dense graph's per-channel output means "
+                  "(BatchNorms: their written means), on the calibration data") if details["oracle"] else None
+    return {"name": "correct", "plan": str(plan), "passes": [r.name for r in results],
+            "modified": results[0].modified, "oracle": oracle, "nothing": nothing,
+            "layers": details["layers"], "batchnorms": details["batchnorms"],
+            "levels": details["levels"], "samples": details["samples"]}  # one pass per level, on samples
+
