@@ -82,20 +82,9 @@ class PruneWeightsPass:
         tensor = index.constant(layer.source)
         stored = ctx.store.read(tensor)
         effective = to_effective(stored, layer.source.steps)
-        if self.nm is not None:
-            scores = None if score is magnitude else score(layer, effective)
-            new_eff, before, after = nm_prune(effective, self.nm.n, self.nm.m, layer.reduction_axis,
-                                              scores)
-            pruned = np.ascontiguousarray(to_stored(new_eff, layer.source.steps))
-            pattern = str(self.nm)
-        else:
-            sparsity = self.sparsity if ratio is None else ratio
-            keep = unstructured_mask(score(layer, effective), sparsity or 0.0, self.group,
-                                     output_axis=layer.output_axis,
-                                     reduction_axis=layer.reduction_axis)
-            pattern = f"unstructured/{self.group}"
-            pruned = apply_mask(stored, to_stored(keep, layer.source.steps))
-            before, after = count_nonzero(stored), count_nonzero(pruned)
+        sparsity = self.sparsity if ratio is None else ratio
+        pruned, before, after = prune_values(layer, stored, self.nm, sparsity, self.group, score, effective)
+        pattern = str(self.nm) if self.nm is not None else f"unstructured/{self.group}"
         if after != before:
             ctx.store.write(tensor, pruned)
         error, basis = (estimate_error(layer, effective, to_effective(pruned, layer.source.steps), calib)
@@ -129,6 +118,22 @@ class PruneWeightsPass:
         return PrunedWeight(layer.weight, tuple(u.name for u in target.layers), pattern,
                             stored.size, before, after, self.method,
                             calib.samples if calib else None, error, basis)
+
+
+def prune_values(layer, stored: np.ndarray, nm: NMPattern | None, sparsity: float | None, group: str,
+                 score, effective: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
+    """A (non-QDQ) stored weight as magnitude/Wanda pruning leaves it: (pruned, non-zeros before, after).
+    The pass writes it; the quality policy's sensitivity measures it without writing."""
+    if effective is None:
+        effective = to_effective(stored, layer.source.steps)
+    if nm is not None:
+        scores = None if score is magnitude else score(layer, effective)
+        new_eff, before, after = nm_prune(effective, nm.n, nm.m, layer.reduction_axis, scores)
+        return np.ascontiguousarray(to_stored(new_eff, layer.source.steps)), before, after
+    keep = unstructured_mask(score(layer, effective), sparsity or 0.0, group,
+                             output_axis=layer.output_axis, reduction_axis=layer.reduction_axis)
+    pruned = apply_mask(stored, to_stored(keep, layer.source.steps))
+    return pruned, count_nonzero(stored), count_nonzero(pruned)
 
 
 def finite_targets(ctx: PassContext, index: GraphIndex, targets: list[PruneTarget]) -> list[PruneTarget]:

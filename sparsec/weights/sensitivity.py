@@ -16,13 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from sparsec.core.graph_index import GraphIndex, to_effective, to_stored
+from sparsec.core.graph_index import GraphIndex
 from sparsec.core.options import NMPattern
 from sparsec.core.tensors import TensorStore
 from sparsec.errors import SparsecError
 from sparsec.runtime.calib_data import CalibrationData
 from sparsec.runtime.session import session_on_store, session_with_values
-from sparsec.weights.masks import apply_mask, count_nonzero, nm_prune, non_finite_reason, unstructured_mask
+from sparsec.weights.masks import count_nonzero, non_finite_reason
+from sparsec.weights.prune_weights import prune_values
 from sparsec.weights.scores import magnitude, wanda
 from sparsec.weights.selection import PruneTarget
 
@@ -120,15 +121,7 @@ class WeightSwap:
 def pruned_value(target: PruneTarget, stored: np.ndarray, nm: NMPattern | None, sparsity: float | None,
                  group: str, score) -> np.ndarray:
     """The stored weight as the weights stage's magnitude/Wanda pass would leave it (not QDQ)."""
-    layer = target.layer
-    effective = to_effective(stored, layer.source.steps)
-    if nm is not None:
-        scores = None if score is magnitude else score(layer, effective)
-        new, _, _ = nm_prune(effective, nm.n, nm.m, layer.reduction_axis, scores)
-        return np.ascontiguousarray(to_stored(new, layer.source.steps))
-    keep = unstructured_mask(score(layer, effective), sparsity or 0.0, group,
-                             output_axis=layer.output_axis, reduction_axis=layer.reduction_axis)
-    return apply_mask(stored, to_stored(keep, layer.source.steps))
+    return prune_values(target.layer, stored, nm, sparsity, group, score)[0]
 
 
 @dataclass(frozen=True)
