@@ -358,10 +358,6 @@ class CorrectOptions(StageOptions):
                                help="Measure on the first N calibration samples only (one pass per depth "
                                     "level: the stage's cost grows with N).")
 
-    @property
-    def runs(self) -> bool:
-        return bool(self.bias_correct) or self.bn_reestimate
-
     def check(self) -> None:
         _at_least([("--correct-samples", self.correct_samples)], 1)
 
