@@ -74,6 +74,9 @@ def grid(quick: bool) -> list[Cell]:
                     Cell("sparsegpt", "60%"), Cell("sparsegpt", "60%", owl=True)]
 
 
+# sparsec's defaults: calibration data and no --method (the "by default options" row)
+DEFAULT = "default"
+DEFAULT_ROW = Cell(DEFAULT, "2:4", name="sparsec defaults 2:4 (--calib, no --method)")
 # sparsec-only rows: (label suffix, extra flags, methods it is added for, at 2:4). Extend freely.
 EXTRA_ROWS: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
     ("permute", ("--permute",), ("magnitude", "wanda", "sparsegpt")),
@@ -91,7 +94,7 @@ CHANNEL_ROWS = [Cell("magnitude", "", extra=("--channels", "0.3"), name="channel
 def ocr_grid(model: str, methods: list[str], known: Callable[[str], bool], extras: str = "all") -> list[Cell]:
     """Base 2:4 rows (both tools), EXTRA_ROWS (those named in `extras`) whose flags exist, and CHANNEL_ROWS
     on the detector."""
-    cells = [Cell(m, "2:4") for m in methods]
+    cells = [Cell(m, "2:4") for m in methods] + [DEFAULT_ROW]
     for suffix, extra, which in EXTRA_ROWS:
         if extras != "all" and suffix not in extras.split(","):
             continue
@@ -171,8 +174,10 @@ def weight_sparsity(path: Path) -> float:
 def run_sparsec(cell: Cell, task: Task, out: Path, calib_samples: int, batch: int) -> Outcome:
     import sparsec
 
-    kwargs: dict[str, Any] = dict(output=out, method=cell.method, verify=False, force=True,
+    kwargs: dict[str, Any] = dict(output=out, verify=False, force=True,
                                   **cell.pattern_args("sparsec"), **flag_kwargs(cell.extra))
+    if cell.method != DEFAULT:  # the defaults row gives calibration data and no method
+        kwargs["method"] = cell.method
     if cell.method != "magnitude" or cell.extra:  # the extra rows' options (mostly) need calibration
         kwargs.update(calib=str(task.calib_npz), calib_samples=calib_samples, batch=batch)
     if cell.owl:
@@ -206,7 +211,7 @@ def run_onnxsim(cell: Cell, task: Task, out: Path) -> Outcome:
 
     if cell.owl:
         return Outcome(note="n/a (no OWL)")
-    if cell.extra or not cell.pattern:
+    if cell.extra or not cell.pattern or cell.method == DEFAULT:
         return Outcome(note="– (sparsec-only row)")
     fn = {"magnitude": onnxsim.apply_magnitude_pruning, "wanda": onnxsim.apply_wanda_pruning,
           "sparsegpt": onnxsim.apply_sparsegpt_pruning}[cell.method]
@@ -355,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
     host = provenance()
-    cells = [c for c in grid(args.quick) if c.method in args.methods.split(",")]
+    cells = [c for c in grid(args.quick) if c.method in args.methods.split(",")] + [DEFAULT_ROW]
     sections, readings = [], []
     tasks = []
     if "minilm" in args.models.split(","):

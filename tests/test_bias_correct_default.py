@@ -35,6 +35,7 @@ def _setup(tmp_path):
 
 
 def _compile(tmp_path, out, **kw):
+    kw.setdefault("method", "magnitude")  # with calibration data the default method is sparsegpt
     return sparsec.compile(tmp_path / "m.onnx", output=tmp_path / out, nm="2:4", min_params=0, force=True,
                            quiet=True, **kw).as_dict()
 
@@ -53,7 +54,10 @@ def test_on_by_default_with_calibration_data(tmp_path):
     report = _compile(tmp_path, "out", calib=tmp_path / "calib.npz")
     step = _step(report)
     assert [s["name"] for s in report["steps"]][:2] == ["weights", "correct"]
-    assert "bias correction on (default with calibration data)" in step["plan"]
+    assert "bias correction on (default with calibration data, kept if held-back" in step["plan"]
+    guard = step["guard"]  # the last quarter of the 96 samples, never measured by the correction
+    assert guard["held_back_samples"] == 24 and guard["kept"]
+    assert guard["cosine_with"] >= guard["cosine_without"]
     assert [r["layer"] for r in step["layers"]] == ["fc1", "fc2"] and step["levels"] == 2
     assert step["samples"] == 64  # --correct-samples' default, of the 96 given
     assert {"correct": {"bias_correct": True, "bn_reestimate": False, "correct_samples": 64}} \
@@ -89,3 +93,28 @@ def test_off_without_data_for_sparsegpt_and_when_asked(tmp_path):
                                    "-o", str(tmp_path / "cli"), "--force"])
     assert res.exit_code == 0, res.output
     assert "correct" not in [s["name"] for s in json.loads(res.stdout)["steps"]]
+
+
+def test_a_default_correction_that_hurts_held_back_samples_is_left_out(tmp_path):
+    """Fit samples centred at +3, held-back samples at -3: matching the fit mean moves the held-back
+    outputs the wrong way, so the default correction is measured, left out and said; --bias-correct
+    still forces it."""
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], "fc")]
+    onnx.save(make_model(nodes, {"x": ("N", 16)}, ["y"], {"w": rng.standard_normal((16, 8))}),
+              tmp_path / "m.onnx")
+    x = 0.3 * rng.standard_normal((32, 16)) + np.where(np.arange(32)[:, None] < 24, 3.0, -3.0)
+    np.savez(tmp_path / "calib.npz", x=x.astype(np.float32))
+    report = _compile(tmp_path, "out", calib=tmp_path / "calib.npz")
+    step = _step(report)
+    guard = step["guard"]
+    assert guard["held_back_samples"] == 8 and not guard["kept"]
+    assert guard["cosine_with"] < guard["cosine_without"]
+    assert step["nothing"].startswith("default bias correction left out: on 8 held-back")
+    assert not step["modified"]
+    _compile(tmp_path, "plain", calib=tmp_path / "calib.npz", bias_correct=False)
+    forced = _compile(tmp_path, "forced", calib=tmp_path / "calib.npz", bias_correct=True)
+    outs = {d: run(str(tmp_path / d / "model.onnx"), {"x": x[24:].astype(np.float32)})[0]
+            for d in ("out", "plain", "forced")}
+    np.testing.assert_array_equal(outs["out"], outs["plain"])  # nothing of the correction written
+    assert "guard" not in _step(forced) and np.abs(outs["forced"] - outs["plain"]).max() > 0.1

@@ -89,7 +89,8 @@ def test_floor_holds_and_the_fragile_layer_stays_dense(tmp_path, method):
 def test_without_the_policy_the_floor_is_missed(tmp_path):
     """The golden model needs the policy: plain 2:4 everywhere falls below 0.99."""
     model, calib = _mlp(tmp_path / "mlp.onnx"), _calib(tmp_path / "calib.npz")
-    sparsec.compile(model, output=tmp_path / "out", nm="2:4", calib=calib, bias_correct=False, min_params=0)
+    sparsec.compile(model, output=tmp_path / "out", nm="2:4", calib=calib, bias_correct=False, min_params=0,
+                    method="magnitude")
     assert _held_back_similarity(model, str(tmp_path / "out" / "model.onnx"), calib) < 0.97
 
 

@@ -203,9 +203,10 @@ class WeightsOptions(StageOptions):
     nm: NMPattern | None = opt(metavar="N:M", parse="nm",
                                help="N:M pattern along the reduction axis, e.g. 2:4 or 4:8.")
     sparsity: float | None = opt(metavar="S", help="Unstructured sparsity in [0, 1).")
-    method: Method = opt(Method.MAGNITUDE, choices=Method,
-                         help="Weight score: magnitude, wanda (|W|·‖X‖) or sparsegpt (second order with "
-                              "weight update); wanda and sparsegpt need calibration.")
+    method: Method | None = opt(  # None: sparsegpt with calibration data, else magnitude (_Compile)
+        choices=Method, help="Weight score: magnitude, wanda (|W|·‖X‖) or sparsegpt (second order with "
+                             "weight update); wanda and sparsegpt need calibration (default: sparsegpt "
+                             "with calibration data, else magnitude).")
     group: Group = opt(Group.OUTPUT, choices=Group, help="Comparison group for unstructured pruning.")
     include: str | None = opt(metavar="REGEX", help="Prune only layers whose node name matches.")
     exclude: str | None = opt(metavar="REGEX", help="Leave layers whose node name matches dense.")
@@ -454,7 +455,7 @@ class _Compile:
     def __post_init__(self) -> None:
         if self.nm is not None and (self.channels is not None or self.ffn is not None) and self.round_to == 1:
             object.__setattr__(self, "round_to", self.nm.m)  # kept widths stay N:M-able for the weights stage
-        object.__setattr__(self, "_defaulted", self._channel_defaults())
+        object.__setattr__(self, "_defaulted", self._data_defaults())
         parts = {}
         for cls in RECIPE_OPTIONS:
             part = cls(**{f.name: getattr(self, f.name) for f in fields(cls)})
@@ -464,13 +465,18 @@ class _Compile:
         object.__setattr__(self, "_parts", parts)
         self._check_across()
 
-    def _channel_defaults(self) -> dict[str, str]:
-        """Resolve --channel-score and --recover left unset from the measurements (bench/RESULTS.md,
-        "Channel defaults"): with calibration data act scores and the refit, else l1 without; returns
-        what was resolved and why (the channels step's report says it was a default)."""
+    def _data_defaults(self) -> dict[str, str]:
+        """Resolve --method, --channel-score and --recover left unset from the measurements
+        (bench/RESULTS.md, "Channel defaults" and the quality tables): with calibration data SparseGPT,
+        act scores and the refit, else magnitude and l1 without; returns what was resolved and why
+        (the weights and channels steps' reports say it was a default)."""
         resolved = {}
         calibrated = self.calib is not None or self.calib_random is not None  # before the parts exist
         data = "calibration data given" if calibrated else "no calibration data"
+        if self.method is None:
+            object.__setattr__(self, "method", Method.SPARSEGPT if calibrated else Method.MAGNITUDE)
+            if self.nm is not None or self.sparsity is not None:
+                resolved["method"] = f"{self.method} (default: {data})"
         if self.channel_score is None:
             object.__setattr__(self, "channel_score", ChannelScore.ACT if calibrated else ChannelScore.L1)
             resolved["channel_score"] = f"{self.channel_score} (default: {data})"
@@ -484,7 +490,12 @@ class _Compile:
     def channel_defaults(self) -> dict[str, str]:
         """The channels options resolved from the data rather than given (e.g. {"recover": "on
         (default: calibration data given)"})."""
-        return dict(self._defaulted)
+        return {k: v for k, v in self._defaulted.items() if k != "method"}
+
+    @property
+    def weight_defaults(self) -> dict[str, str]:
+        """The weights options resolved from the data (e.g. {"method": "sparsegpt (default: ...)"})."""
+        return {k: v for k, v in self._defaulted.items() if k == "method"}
 
     def of(self, stage: str) -> Any:
         """The options object of one recipe stage (or SETTINGS / RUN): only its own fields."""

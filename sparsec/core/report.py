@@ -180,6 +180,7 @@ def _step_lines(steps: list[dict]) -> list[str]:
             gaps = ", ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in o.items() if isinstance(v, float))
             check = f"; oracle vs dense means: {gaps}" if gaps else ""
         lines.append(f"step {s['name']}: {s['plan']}{check}")
+        lines += [f"  {k.replace('_', ' ')}: {v}" for k, v in (s.get("defaults") or {}).items()]
     return lines
 
 

@@ -3,13 +3,14 @@ correct_pass), planned on the graph the weights stage left and on the graph it s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sparsec.core.names import node_ids
 from sparsec.core.options import CorrectOptions
 from sparsec.recipes.compile_run import CompileRun
 from sparsec.recipes.step_plans import StepPlan
 from sparsec.weights.correct_pass import CorrectPass
+from sparsec.weights.sensitivity import split_calibration
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class CorrectPlan(StepPlan):
     layers: int  # pruned layers whose output mean is matched to the dense graph's
     affine: int  # of those, producers a BatchNorm was folded into (mean and deviation)
     batchnorms: bool  # unfused BatchNorms re-estimated
-    how: str = ""  # whether bias correction was a default
+    how: str = ""  # whether bias correction was a default (kept only where held-back samples agree)
 
     def summary(self) -> str:
         parts = [f"bias-correct {self.layers} pruned layers{self.how}"] if self.layers else []
@@ -55,13 +56,24 @@ def correct_step(run: CompileRun, opts: CorrectOptions) -> dict:
                 "batchnorms": [], "levels": 0, "samples": 0}
     default = bias and opts.bias_correct is None
     plan = CorrectPlan(len(outputs), len(affine), opts.bn_reestimate,
+                       "; bias correction on (default with calibration data, kept if held-back outputs agree "
+                       "better)" if default and not opts.bn_reestimate else
                        "; bias correction on (default with calibration data)" if default else "")
-    results = run.run_passes([CorrectPass(run.dense, outputs, run.calibration(), opts.bn_reestimate,
-                                          affine, samples=opts.correct_samples)])
+    settings, held = run.calibration(), None
+    if default and not opts.bn_reestimate and settings.data.num_samples >= 2:  # a default must not hurt
+        fit, held = split_calibration(settings.data, settings.batch)
+        settings = replace(settings, data=fit)
+    results = run.run_passes([CorrectPass(run.dense, outputs, settings, opts.bn_reestimate,
+                                          affine, samples=opts.correct_samples, held=held)])
     details = results[0].details
     run.dense = None  # the dense copy is no longer needed
     nothing = None
-    if not results[0].modified:
+    guard = details.get("guard")
+    if guard is not None and not guard["kept"]:
+        nothing = (f"default bias correction left out: on {guard['held_back_samples']} held-back "
+                   f"calibration samples it lowered the output cosine to the dense model from "
+                   f"{guard['cosine_without']:.4f} to {guard['cosine_with']:.4f} (--bias-correct forces it)")
+    elif not results[0].modified:
         kept = details["batchnorms_kept"]
         nothing = ("nothing corrected: no layer was pruned" + (" and the model has no re-estimable "
                    "BatchNorm" if opts.bn_reestimate else "")
@@ -71,5 +83,6 @@ def correct_step(run: CompileRun, opts: CorrectOptions) -> dict:
     return {"name": "correct", "plan": str(plan), "passes": [r.name for r in results],
             "modified": results[0].modified, "oracle": oracle, "nothing": nothing,
             "layers": details["layers"], "batchnorms": details["batchnorms"],
-            "levels": details["levels"], "samples": details["samples"]}  # one pass per level, on samples
+            "levels": details["levels"], "samples": details["samples"],  # one pass per level, on samples
+            **({"guard": guard} if guard is not None else {})}
 

@@ -173,7 +173,9 @@ def weights_step(run: CompileRun, opts: WeightsOptions) -> dict:
         run.weights, run.targets = found, found.targets
     if run.options.corrects and found.targets and not run.nothing and not _default_correction_too_big(run):
         run.dense = run.snapshot()  # the correct stage matches the pruned graph to this one
-    extra = {"permute": permuted} if permuted is not None else {}  # --permute: per group gain and time
+    extra: dict = {"permute": permuted} if permuted is not None else {}  # --permute: gain and time
+    if run.options.weight_defaults:  # --method left unset: what the data decided
+        extra["defaults"] = run.options.weight_defaults
     if opts.min_similarity is not None and found.targets and not run.nothing:  # the quality-target policy
         results, oracle, extra["policy"] = policy_weights(
             run, opts, found, settings,

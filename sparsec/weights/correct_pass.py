@@ -18,10 +18,11 @@ from sparsec.core.graph_index import GraphIndex
 from sparsec.core.op_table import weight_axes
 from sparsec.core.pipeline import PassContext, PassResult
 from sparsec.core.shapes import infer_types
-from sparsec.core.tensors import TensorStore
+from sparsec.core.tensors import TensorStore, inline_copy
 from sparsec.runtime.calibrate import CalibrationSettings
 from sparsec.runtime.moments import Moments, channel_moments
 from sparsec.weights.bias_correction import fold_shift
+from sparsec.weights.sensitivity import HeldBack, graph_outputs, similarity
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,34 @@ class CorrectPass:
     affine: set[str] = field(default_factory=set)
     match_bn: bool = True  # BatchNorm statistics moved by what pruning changed (else: measured outright)
     samples: int | None = None  # measure on the first N calibration samples only (--correct-samples)
+    held: HeldBack | None = None  # guard: keep the correction only if these samples' outputs agree better
     name: str = "correct"
     requires: frozenset[str] = frozenset()
 
     def run(self, ctx: PassContext) -> PassResult:
+        if self.held is None:
+            details = self._correct(ctx.model, ctx.store)
+            details.pop("_replay")
+            return PassResult(self.name, bool(details["layers"] or details["batchnorms"]), details)
+        # guarded: correct a copy, compare on the held-back samples, then replay the same shifts here
+        trial, trial_store = inline_copy(ctx.model, ctx.store), TensorStore(ctx.store.base_dir)
+        details = self._correct(trial, trial_store)
+        dense = graph_outputs(self.dense, TensorStore(ctx.store.base_dir), self.held)
+        without = similarity(dense, graph_outputs(ctx.model, ctx.store, self.held), self.held.counts)
+        with_it = similarity(dense, graph_outputs(trial, trial_store, self.held), self.held.counts)
+        kept = with_it >= without
+        details["guard"] = {"held_back_samples": self.held.samples, "cosine_without": without,
+                            "cosine_with": with_it, "kept": kept}
+        replays = details.pop("_replay")
+        if kept:
+            for tensor, shift, rank, dtype in replays:
+                node = next(n for n in ctx.model.graph.node if n.output and n.output[0] == tensor)
+                fold_shift(ctx.model.graph, ctx.store, node, shift, rank, dtype)
+        return PassResult(self.name, kept and bool(details["layers"]), details)
+
+    def _correct(self, model: onnx.ModelProto, store: TensorStore) -> dict:
+        """Correct `model` in place, level by level; the details (and the shifts, to replay)."""
+        ctx = PassContext(model, store)
         graph = ctx.model.graph
         if self.dense is None:  # nothing to match against (no weight was pruned): adaptive BN
             self.layer_outputs, self.match_bn = {}, False
@@ -103,12 +128,10 @@ class CorrectPass:
                     layers.append(self._layer(ctx, p, dense[p.tensor], now[p.tensor], types))
         # a shift folded into the Add after a MatMul is not in the measured tensor: add it back
         outside = {row["_tensor"]: np.asarray(row.pop("_outside")) for row in layers if "_outside" in row}
-        for row in layers:
-            row.pop("_tensor")
+        replay = [(row.pop("_tensor"), *row.pop("_fold")) for row in layers]
         oracle = self._oracle(ctx, points, dense, outside) if points else {}
-        details = {"layers": layers, "batchnorms": bns, "batchnorms_kept": kept, "levels": len(levels),
-                   "samples": self.settings.data.num_samples, "oracle": oracle}
-        return PassResult(self.name, bool(layers or bns), details)
+        return {"layers": layers, "batchnorms": bns, "batchnorms_kept": kept, "levels": len(levels),
+                "samples": self.settings.data.num_samples, "oracle": oracle, "_replay": replay}
 
     def _layer(self, ctx: PassContext, p: Point, dense: Moments, now: Moments, types) -> dict:
         graph = ctx.model.graph
@@ -126,6 +149,7 @@ class CorrectPass:
             else:
                 row["note"] = f"mean only: {why}"
         row["where"] = fold_shift(graph, ctx.store, node, shift, rank, dtype)
+        row["_fold"] = (shift, rank, dtype)
         if row["where"] == "add":
             row["_outside"] = shift
         row["shift_norm"] = float(np.linalg.norm(shift))
