@@ -73,7 +73,7 @@ def test_group_is_removable_and_oracle_holds(tmp_path, build):
     model = build()
     src = tmp_path / "m.onnx"
     onnx.save(model, src)
-    report = sparsec.compile(src, output=tmp_path / "o", channels=0.5, min_params=0)
+    report = sparsec.compile(src, output=tmp_path / "o", channels=0.5, round_to=1, min_params=0)
     c1 = next(s for s in report.channels["sources"] if s["name"] == "c1")
     assert c1["channels"] == 8 and c1["kept"] == 4
     assert report.channels["removed"] == 4
@@ -89,13 +89,13 @@ def test_skipped_and_layers_agree(tmp_path):
     model = identity_constants_model()
     src = tmp_path / "m.onnx"
     onnx.save(model, src)
-    report = sparsec.compile(src, output=tmp_path / "o", channels=0.5, min_params=0)
+    report = sparsec.compile(src, output=tmp_path / "o", channels=0.5, round_to=1, min_params=0)
     cut = {la.name for la in report.layers if la.pattern == "channels"}
     whole = {la.name: la.skipped_reason for la in report.layers if la.pattern == "dense"}
     assert cut == {"c1", "c2"} and not whole  # c2 loses input channels: it is cut
     assert report.skipped == []
     # ratio 0: every layer is left whole, named with the reason
-    report = sparsec.compile(src, output=tmp_path / "o2", channels=0.0, min_params=0)
+    report = sparsec.compile(src, output=tmp_path / "o2", channels=0.0, round_to=1, min_params=0)
     skipped = {s["name"]: s["reason"] for s in report.skipped}
     assert set(skipped) == {la.name for la in report.layers} == {"c1", "c2"}
     assert skipped["c2"].startswith("channels kept whole: reaches graph output out")

@@ -102,7 +102,7 @@ def _run(path: Path, x: np.ndarray) -> np.ndarray:
 def _compile(model: onnx.ModelProto, tmp_path: Path) -> tuple[sparsec.Report, onnx.ModelProto, float]:
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
-    report = sparsec.compile(path, output=tmp_path / "out", channels=0.25, force=True)
+    report = sparsec.compile(path, output=tmp_path / "out", channels=0.25, round_to=1, force=True)
     x = np.random.default_rng(1).standard_normal((2, 3, 8)).astype(np.float32)
     diff = float(np.abs(_run(tmp_path / "out" / "model.onnx", x) - _run(path, x)).max())
     return report, onnx.load(str(tmp_path / "out" / "model.onnx")), diff

@@ -85,7 +85,7 @@ def test_zero_filters_are_removed_exactly(tmp_path):
     inits["fc0.bias"].CopyFrom(onnx.numpy_helper.from_array(b, "fc0.bias"))
     src = tmp_path / "m.onnx"
     onnx.save(model, src)
-    report = sparsec.compile(src, channels=16 / (64 + 32), channels_per_layer_max=0.25,
+    report = sparsec.compile(src, channels=16 / (64 + 32), round_to=1, channels_per_layer_max=0.25,
                              output=tmp_path / "o", min_params=0)
     source = next(s for s in report.channels["sources"] if s["name"] == "fc0_matmul")
     assert source["kept"] == 48
@@ -96,7 +96,7 @@ def test_zero_filters_are_removed_exactly(tmp_path):
 def test_cascade_updates_every_consumer_and_reports_blocked_groups(tmp_path):
     src = tmp_path / "cnn.onnx"
     onnx.save(GOLDEN["cnn"](), src)
-    report = sparsec.compile(src, channels=0.5, output=tmp_path / "o", min_params=0)
+    report = sparsec.compile(src, channels=0.5, round_to=1, output=tmp_path / "o", min_params=0)
     model = onnx.load(tmp_path / "o" / "model.onnx")
     onnx.checker.check_model(model, full_check=True)
     assert not any(n.op_type == "BatchNormalization" for n in model.graph.node)  # folded
@@ -120,8 +120,8 @@ def test_round_to_and_per_layer_cap(tmp_path):
     for s in report.channels["sources"]:
         if s["kept"] != s["channels"]:
             assert s["kept"] % 8 == 0 and s["kept"] >= 8
-    capped = sparsec.compile(src, channels=0.9, channels_per_layer_max=0.25, output=tmp_path / "c",
-                             min_params=0)
+    capped = sparsec.compile(src, channels=0.9, round_to=1, channels_per_layer_max=0.25,
+                             output=tmp_path / "c", min_params=0)
     for s in capped.channels["sources"]:
         assert s["channels"] - s["kept"] <= int(0.25 * s["channels"])
 
@@ -130,7 +130,7 @@ def test_round_to_and_per_layer_cap(tmp_path):
 def test_channel_scores_run_and_prune(tmp_path, score):
     src = tmp_path / "cnn.onnx"
     onnx.save(GOLDEN["cnn"](), src)
-    report = sparsec.compile(src, channels=0.3, channel_score=score, output=tmp_path / "o",
+    report = sparsec.compile(src, channels=0.3, round_to=1, channel_score=score, output=tmp_path / "o",
                              min_params=0)
     assert report.channels["removed"] > 0
     assert report.options["channel_score"] == score
@@ -141,9 +141,9 @@ def test_act_score_and_recover_use_calibration(tmp_path):
     onnx.save(GOLDEN["mlp"](hidden=(64, 64)), src)
     calib = tmp_path / "c.npz"
     np.savez(calib, x=np.random.default_rng(0).standard_normal((512, 1, 32)).astype(np.float32))
-    plain = sparsec.compile(src, channels=0.5, channel_score="act", calib=calib, recover=False,
+    plain = sparsec.compile(src, channels=0.5, round_to=1, channel_score="act", calib=calib, recover=False,
                             output=tmp_path / "a", min_params=0)  # with data the refit is the default
-    recovered = sparsec.compile(src, channels=0.5, channel_score="act", calib=calib, recover=True,
+    recovered = sparsec.compile(src, channels=0.5, round_to=1, channel_score="act", calib=calib, recover=True,
                                 output=tmp_path / "r", min_params=0)
     assert plain.channels["removed"] == recovered.channels["removed"] > 0
     rec = recovered.channels["recovery"]
@@ -173,7 +173,7 @@ def test_structured_option_errors(tmp_path, kwargs, needle):
 def test_ratio_near_one_keeps_a_channel_everywhere(tmp_path):
     src = tmp_path / "m.onnx"
     onnx.save(GOLDEN["mlp"](), src)
-    report = sparsec.compile(src, channels=0.999, output=tmp_path / "o", min_params=0)
+    report = sparsec.compile(src, channels=0.999, round_to=1, output=tmp_path / "o", min_params=0)
     assert all(s["kept"] >= 1 for s in report.channels["sources"])
     assert report.verify["masked"]["max_abs_diff"] < 1e-4
 
@@ -181,7 +181,7 @@ def test_ratio_near_one_keeps_a_channel_everywhere(tmp_path):
 def test_nothing_prunable_succeeds_unchanged(tmp_path):
     src = tmp_path / "w.onnx"
     onnx.save(GOLDEN["weight_paths"](), src)
-    report = sparsec.compile(src, channels=0.5, output=tmp_path / "o", min_params=0)
+    report = sparsec.compile(src, channels=0.5, round_to=1, output=tmp_path / "o", min_params=0)
     assert report.channels["removed"] == 0
     assert report.verify["max_abs_diff"] == 0.0
 
@@ -197,7 +197,7 @@ def test_structured_golden_models_cascade(tmp_path, name):
     dense = GOLDEN[name]()
     src = tmp_path / f"{name}.onnx"
     onnx.save(dense, src)
-    report = sparsec.compile(src, channels=0.4, output=tmp_path / "o", min_params=0)
+    report = sparsec.compile(src, channels=0.4, round_to=1, output=tmp_path / "o", min_params=0)
     pruned = onnx.load(tmp_path / "o" / "model.onnx")
     onnx.checker.check_model(pruned, full_check=True)
     assert report.channels["removed"] > 0
@@ -239,7 +239,7 @@ def test_random_channel_choices_on_structured_models(name, seed):
 def test_split_and_slice_bounds_follow_the_kept_channels(tmp_path):
     src = tmp_path / "c2f.onnx"
     onnx.save(GOLDEN["c2f"](), src)
-    sparsec.compile(src, channels=0.5, output=tmp_path / "o", min_params=0)
+    sparsec.compile(src, channels=0.5, round_to=1, output=tmp_path / "o", min_params=0)
     model = onnx.load(tmp_path / "o" / "model.onnx")
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     split = next(n for n in model.graph.node if n.op_type == "Split")
@@ -278,7 +278,7 @@ def test_border_correction_at_opset_7(tmp_path):
     of a padded consumer must still load, stay exact, and fold with the BatchNorm."""
     src = tmp_path / "m.onnx"
     onnx.save(_opset7_cnn(), src)
-    report = sparsec.compile(src, output=tmp_path / "o", channels=0.5, min_params=0,
+    report = sparsec.compile(src, output=tmp_path / "o", channels=0.5, round_to=1, min_params=0,
                              shapes={"x": (2, 3, 10, 12)})
     assert report.channels["removed"] == 4
     assert report.verify["masked"]["max_abs_diff"] < 1e-4 and report.verify["max_abs_diff"] > 1e-2

@@ -143,7 +143,7 @@ def test_heads_refused_on_a_kv_cache_decoder(decoders, tmp_path):
 
 
 def test_gated_ffn_neurons_removed_exactly(decoders, tmp_path):
-    report = sparsec.compile(decoders["llama", "torchscript"], output=tmp_path / "out", ffn=0.25,
+    report = sparsec.compile(decoders["llama", "torchscript"], output=tmp_path / "out", ffn=0.25, round_to=1,
                              shapes={"input_ids": (2, 8)}, calib_range={"input_ids": (0, VOCAB)})
     assert report.nothing_pruned is None
     model = onnx.load(str(tmp_path / "out" / "model.onnx"))
@@ -163,7 +163,7 @@ def test_gated_ffn_neurons_removed_exactly(decoders, tmp_path):
 
 def test_gpt2_conv1d_ffn_neurons_removed_through_its_views(decoders, tmp_path):
     """GPT-2's Conv1D views (`view(-1, nx)` → Gemm → `view(size_out)`) pass the FFN neurons through."""
-    report = sparsec.compile(decoders["gpt2", "torchscript"], output=tmp_path / "out", ffn=0.25,
+    report = sparsec.compile(decoders["gpt2", "torchscript"], output=tmp_path / "out", ffn=0.25, round_to=1,
                              shapes={"input_ids": (2, 8)}, calib_range={"input_ids": (0, VOCAB)})
     assert report.nothing_pruned is None and report.channels["removed"] == 128
     model = onnx.load(str(tmp_path / "out" / "model.onnx"))

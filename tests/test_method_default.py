@@ -44,3 +44,16 @@ def test_magnitude_without_data_and_explicit_method_wins(tmp_path):
     assert plain["defaults"] == {"method": "magnitude (default: no calibration data)"}
     asked = _weights(tmp_path, "asked", calib=tmp_path / "calib.npz", method="wanda")
     assert " by wanda " in asked["plan"] and "defaults" not in asked
+
+
+def test_kept_widths_are_multiples_of_8_by_default(tmp_path):
+    """--round-to left unset: every cut layer keeps a multiple of 8 channels (the fast-kernel widths);
+    with --nm a multiple of lcm(8, M)."""
+    from models import example_path
+
+    report = sparsec.compile(example_path(), output=tmp_path / "o", channels=0.3, quiet=True)
+    cut = [s for s in report.channels["sources"] if s["kept"] != s["channels"]]
+    assert cut and all(s["kept"] % 8 == 0 for s in cut)
+    assert report.options["round_to"] == 8
+    nm = sparsec.compile(example_path(), output=tmp_path / "n", channels=0.3, nm="4:16", quiet=True)
+    assert nm.options["round_to"] == 16

@@ -154,9 +154,12 @@ def test_channel_defaults_follow_the_data():
     data = options_from({"channels": 0.3, "calib_random": 8})
     assert (str(data.channel_score), data.recover) == ("act", True)
     assert data.channel_defaults == {"channel_score": "act (default: calibration data given)",
-                                     "recover": "on (default: calibration data given)"}
-    asked = options_from({"channels": 0.3, "calib_random": 8, "channel_score": "l1", "recover": False})
-    assert (str(asked.channel_score), asked.recover, asked.channel_defaults) == ("l1", False, {})
+                                     "recover": "on (default: calibration data given)",
+                                     "round_to": "8 (default: widths fast kernels keep; --round-to 1: exact)"}
+    asked = options_from({"channels": 0.3, "calib_random": 8, "channel_score": "l1", "recover": False,
+                          "round_to": 1})
+    assert (str(asked.channel_score), asked.recover, asked.round_to, asked.channel_defaults) \
+        == ("l1", False, 1, {})
 
 
 def test_channels_report_says_which_defaults_it_used(tmp_path):
@@ -165,6 +168,7 @@ def test_channels_report_says_which_defaults_it_used(tmp_path):
     report = sparsec.compile(example_path(), output=tmp_path / "o", channels=0.3, calib_random=8)
     step = next(s for s in report.steps if s["name"] == "channels")
     assert step["defaults"] == {"channel_score": "act (default: calibration data given)",
-                                "recover": "on (default: calibration data given)"}
+                                "recover": "on (default: calibration data given)",
+                                "round_to": "8 (default: widths fast kernels keep; --round-to 1: exact)"}
     assert report.options["channel_score"] == "act" and report.options["recover"] is True
     assert report.channels["recovery"]  # the refit ran

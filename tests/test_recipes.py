@@ -101,7 +101,7 @@ def test_channels_fold_bn_then_2_4(tmp_path, precision):
 
     src = tmp_path / "resnet.onnx"
     onnx.save(GOLDEN["resnet"](), src)
-    report = sparsec.compile(src, output=tmp_path / "o", channels=0.3, fold_bn=True, nm="2:4",
+    report = sparsec.compile(src, output=tmp_path / "o", channels=0.3, round_to=1, fold_bn=True, nm="2:4",
                              precision=precision)
     names = ["channels", "fold-bn", "weights"] + (["precision"] if precision == "fp16" else []) + ["encode"]
     assert [s["name"] for s in report.steps] == names
@@ -128,7 +128,8 @@ def test_channels_fold_bn_then_2_4(tmp_path, precision):
 def test_heads_ffn_then_sparsegpt_2_4(tmp_path, transformer_models, precision):
     src = tmp_path / "t.onnx"
     onnx.save(transformer_models["dynamo"], src)
-    report = sparsec.compile(src, output=tmp_path / "o", heads=0.25, ffn=0.25, nm="2:4", method="sparsegpt",
+    report = sparsec.compile(src, output=tmp_path / "o", heads=0.25, ffn=0.25, round_to=1, nm="2:4",
+                             method="sparsegpt",
                              calib_random=8, calib_range={"input_ids": (0, 100)}, shapes=SHAPES,
                              min_params=0, precision=precision)
     assert [s["name"] for s in report.steps][:2] == ["transformer", "weights"]
@@ -173,7 +174,7 @@ def test_fold_bn_alone(tmp_path, precision):
 def test_report_carries_the_recipe_it_ran(tmp_path):
     from models import example_path
 
-    report = sparsec.compile(example_path(), output=tmp_path / "o", channels=0.3, nm="2:4")
+    report = sparsec.compile(example_path(), output=tmp_path / "o", channels=0.3, round_to=1, nm="2:4")
     stages = [next(iter(s)) for s in report.recipe["stages"]]
     assert stages == ["channels", "fold-bn", "weights", "encode"]
     weights = report.recipe["stages"][2]["weights"]
@@ -184,7 +185,7 @@ def test_report_carries_the_recipe_it_ran(tmp_path):
 def test_no_fold_bn_is_recorded(tmp_path):
     from models import example_path
 
-    report = sparsec.compile(example_path(), output=tmp_path / "o", channels=0.3, fold_bn=False)
+    report = sparsec.compile(example_path(), output=tmp_path / "o", channels=0.3, round_to=1, fold_bn=False)
     assert {"fold-bn": {"fold_bn": False}} in report.recipe["stages"]
     assert [s["name"] for s in report.steps] == ["channels"]
 
@@ -195,7 +196,7 @@ def test_unknown_keyword_is_one_line(tmp_path):
     with pytest.raises(sparsec.SparsecError, match="unknown option 'nn'"):
         sparsec.compile(example_path(), output=tmp_path / "o", nn="2:4")
     with pytest.raises(sparsec.SparsecError, match=r"channels=1\.0 is out of range"):
-        sparsec.compile(example_path(), output=tmp_path / "o", channels=1.0, nm="2:4")
+        sparsec.compile(example_path(), output=tmp_path / "o", channels=1.0, round_to=1, nm="2:4")
 
 
 def test_structural_oracle_on_external_data_reads_the_rewritten_weights(tmp_path):
@@ -206,7 +207,7 @@ def test_structural_oracle_on_external_data_reads_the_rewritten_weights(tmp_path
     src = tmp_path / "resnet.onnx"
     onnx.save(GOLDEN["resnet"](), src, save_as_external_data=True, all_tensors_to_one_file=True,
               location="resnet.onnx.data", size_threshold=0)
-    report = sparsec.compile(src, output=tmp_path / "o", channels=0.3, nm="2:4")
+    report = sparsec.compile(src, output=tmp_path / "o", channels=0.3, round_to=1, nm="2:4")
     oracle_within(report)
     assert report.channels["removed"] > 0
 
@@ -248,7 +249,7 @@ def test_each_recipe_options_object_holds_only_its_fields():
         for name in names:
             assert getattr(part, name) == getattr(options, name)
     assert seen == {f.name for f in declared()}
-    assert options.of("channels").round_to == 4  # the cross-recipe default reaches the stage's object
+    assert options.of("channels").round_to == 8  # lcm(8, M): the cross-recipe default reaches the stage
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.of("weights").nm = None  # type: ignore[misc]
 
@@ -286,7 +287,7 @@ def test_plans_print_their_summary(tmp_path):
     assert str(plan) == plan.summary() == "2:4 by magnitude on 5 weights, 4 layers left dense"
     src = tmp_path / "resnet.onnx"
     onnx.save(GOLDEN["resnet"](), src)
-    report = sparsec.compile(src, output=tmp_path / "o", channels=0.3, nm="2:4")
+    report = sparsec.compile(src, output=tmp_path / "o", channels=0.3, round_to=1, nm="2:4")
     plans = {s["name"]: s["plan"] for s in report.steps}
     removed = report.channels["removed"]
     assert plans["channels"].startswith(f"remove {removed} of {report.channels['removable']} removable ")
@@ -319,7 +320,7 @@ def test_a_wrong_fold_is_refused_by_its_oracle(tmp_path, monkeypatch):
     src = tmp_path / "resnet.onnx"
     onnx.save(GOLDEN["resnet"](), src)
     with pytest.raises(sparsec.SparsecError, match="BatchNorm folding changed the outputs"):
-        sparsec.compile(src, output=tmp_path / "o", channels=0.3, nm="2:4")
+        sparsec.compile(src, output=tmp_path / "o", channels=0.3, round_to=1, nm="2:4")
     assert not (tmp_path / "o").exists()
 
 

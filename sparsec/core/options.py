@@ -83,6 +83,7 @@ class EncodeFormat(Choice):  # auto: the smallest codec per tensor; none: no wei
 
 
 METHODS = Method.values()
+ROUND_TO = 8  # kept channel counts' default multiple (--round-to)
 CALIBRATED = (Method.WANDA.value, Method.SPARSEGPT.value)
 BIAS_CORRECTED = (Method.MAGNITUDE.value, Method.WANDA.value)  # bias correction's default (with calibration)
 PRECISIONS = Precision.values()
@@ -282,8 +283,10 @@ class ChannelsOptions(StageOptions):
         choices=ChannelScore, help="Channel importance: filter norms, BatchNorm |gamma|, or calibrated "
                                    "activation x outgoing weights (default: act with calibration data, "
                                    "else l1).")
-    round_to: int = opt(1, metavar="K",
-                        help="Kept channel counts stay multiples of K (e.g. 8 for tensor cores).")
+    round_to: int | None = opt(  # None: ROUND_TO, a multiple of M with --nm (_Compile)
+        metavar="K", help=f"Kept channel counts stay multiples of K (default {ROUND_TO}, or a multiple of M "
+                          "with --nm: the widths onnxruntime's and TensorRT's fast kernels keep; 1 for "
+                          "exact counts).")
     recover: bool | None = opt(kind="pair",  # None: on with calibration data (_Compile)
                                help="Refit consumers on the kept channels by least squares (needs "
                                     "calibration; default: on with calibration data).")
@@ -453,8 +456,6 @@ class _Compile:
     """The flat view's behaviour: one instance per recipe, and the rules that span recipes."""
 
     def __post_init__(self) -> None:
-        if self.nm is not None and (self.channels is not None or self.ffn is not None) and self.round_to == 1:
-            object.__setattr__(self, "round_to", self.nm.m)  # kept widths stay N:M-able for the weights stage
         object.__setattr__(self, "_defaulted", self._data_defaults())
         parts = {}
         for cls in RECIPE_OPTIONS:
@@ -465,6 +466,13 @@ class _Compile:
         object.__setattr__(self, "_parts", parts)
         self._check_across()
 
+    @staticmethod
+    def round_to_for(asked: int | None, nm: NMPattern | None) -> int:
+        """--round-to as asked, else ROUND_TO (bench/RESULTS.md, "Channel defaults": at 1 the kept odd
+        widths ran slower than dense); with --nm a multiple of M, so kept widths stay N:M-able."""
+        k = ROUND_TO if asked is None else asked
+        return math.lcm(k, nm.m) if nm is not None and (asked is None or asked == 1) else k
+
     def _data_defaults(self) -> dict[str, str]:
         """Resolve --method, --channel-score and --recover left unset from the measurements
         (bench/RESULTS.md, "Channel defaults" and the quality tables): with calibration data SparseGPT,
@@ -473,6 +481,10 @@ class _Compile:
         resolved = {}
         calibrated = self.calib is not None or self.calib_random is not None  # before the parts exist
         data = "calibration data given" if calibrated else "no calibration data"
+        round_to = self.round_to_for(self.round_to, self.nm)
+        if self.round_to is None and (self.channels is not None or self.ffn is not None):
+            resolved["round_to"] = f"{round_to} (default: widths fast kernels keep; --round-to 1: exact)"
+        object.__setattr__(self, "round_to", round_to)
         if self.method is None:
             object.__setattr__(self, "method", Method.SPARSEGPT if calibrated else Method.MAGNITUDE)
             if self.nm is not None or self.sparsity is not None:

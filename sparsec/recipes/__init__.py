@@ -123,7 +123,7 @@ def _ffn_shaping(options: CompileOptions) -> dict:
     FFN removal reads them; the channels stage itself does not run)."""
     if options.ffn is None:
         return {}
-    derived = {"round_to": options.nm.m if options.nm is not None else 1, "channels_per_layer_max": 1.0}
+    derived = {"round_to": options.round_to_for(None, options.nm), "channels_per_layer_max": 1.0}
     return {k: options.value_of(k) for k, v in derived.items() if options.value_of(k) != v}
 
 
