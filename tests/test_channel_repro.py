@@ -199,7 +199,8 @@ def test_padded_border_compensation_is_exact_at_every_size(tmp_path: Path, size:
     scale = report.verify["masked"]["outputs"][0]["max_abs_dense"]
     assert report.verify["masked"]["max_abs_diff"] < 1e-5 * scale
     # the same choice, as a masked twin (removed filters zeroed in the dense model), at another size
-    plan = plan_structured(padded_consumers(), TensorStore(tmp_path), CompileOptions(channels=0.5, round_to=1), {})
+    plan = plan_structured(padded_consumers(), TensorStore(tmp_path),
+                           CompileOptions(channels=0.5, round_to=1), {})
     masked = _free_spatial(plan.compensation.masked)
     pruned = _free_spatial(onnx.load(str(out / "model.onnx")))
     x = np.random.default_rng(7).standard_normal((2, 4, size, size)).astype(np.float32)
