@@ -80,8 +80,9 @@ DEFAULT_ROW = Cell(DEFAULT, "2:4", name="sparsec defaults 2:4 (--calib, no --met
 # sparsec-only rows: (label suffix, extra flags, methods it is added for, at 2:4). Extend freely.
 EXTRA_ROWS: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
     ("permute", ("--permute",), ("magnitude", "wanda", "sparsegpt")),
-    ("bias-correct", ("--bias-correct",), ("magnitude", "sparsegpt")),  # on by default for wanda (calib)
-    ("no-bias-correct", ("--no-bias-correct",), ("wanda",)),
+    ("bias-correct", ("--bias-correct",), ("magnitude", "wanda", "sparsegpt")),  # forced, unguarded
+    ("no-bias-correct", ("--no-bias-correct",), ("magnitude", "wanda")),  # their default: guarded
+    ("sequential", ("--sequential",), ("wanda", "sparsegpt")),
     ("bn-reestimate", ("--bn-reestimate",), ("magnitude", "wanda", "sparsegpt")),
     ("min-similarity 0.99", ("--min-similarity", "0.99"), ("magnitude", "wanda", "sparsegpt")),
 ]
@@ -94,7 +95,13 @@ CHANNEL_ROWS = [Cell("magnitude", "", extra=("--channels", "0.3"), name="channel
 def ocr_grid(model: str, methods: list[str], known: Callable[[str], bool], extras: str = "all") -> list[Cell]:
     """Base 2:4 rows (both tools), EXTRA_ROWS (those named in `extras`) whose flags exist, and CHANNEL_ROWS
     on the detector."""
-    cells = [Cell(m, "2:4") for m in methods] + [DEFAULT_ROW]
+    cells = [Cell(m, "2:4") for m in methods] + [DEFAULT_ROW] + extra_rows(methods, known, extras)
+    return cells + (CHANNEL_ROWS if model == "ocr-det" else [])
+
+
+def extra_rows(methods: list[str], known: Callable[[str], bool], extras: str) -> list[Cell]:
+    """The sparsec-only EXTRA_ROWS at 2:4 named in `extras` ("all", "none" or labels) whose flags exist."""
+    cells = []
     for suffix, extra, which in EXTRA_ROWS:
         if extras != "all" and suffix not in extras.split(","):
             continue
@@ -102,7 +109,7 @@ def ocr_grid(model: str, methods: list[str], known: Callable[[str], bool], extra
             print(f"  skipped rows '+ {suffix}': `sparsec compile --help` has no {extra[0]}", flush=True)
             continue
         cells += [Cell(m, "2:4", extra=extra) for m in methods if m in which]
-    return cells + (CHANNEL_ROWS if model == "ocr-det" else [])
+    return cells
 
 
 def sparsec_flags() -> Callable[[str], bool]:
@@ -348,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny grid: 16 calibration, 64 evaluation, 2:4")
     ap.add_argument("--record", action="store_true", help="append a section to bench/RESULTS.md")
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt", help="comma list: a sub-grid")
-    ap.add_argument("--extras", default="all", help="OCR: comma list of EXTRA_ROWS labels, all, or none")
+    ap.add_argument("--extras", default="all", help="sparsec-only 2:4 rows: EXTRA_ROWS labels, all, or none")
     ap.add_argument("--models", default="minilm,digits",
                     help="comma list: minilm, digits, ocr-det, ocr-rec, ocr-cls")
     for flag, default in (("--calib-samples", 128), ("--batch", 16), ("--eval", 500), ("--seed", 0),
@@ -375,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     for (task, info), keys in tasks:
         print(f"## {task.name}: {info}", flush=True)
         rows: dict[Cell, tuple[Outcome, Outcome]] = {}
-        task_cells = cells
+        task_cells = cells + extra_rows(args.methods.split(","), known, args.extras)
         if task.name in quality_ocr.SETUPS:
             task_cells = ocr_grid(task.name, args.methods.split(","), known, args.extras)
         for cell in task_cells:
