@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsec.weights.masks import nm_mask, satisfies_nm, unstructured_mask
-from sparsec.weights.sparsegpt_solver import _lowest_removed, relative_errors, sparsegpt_prune
+from sparsec.weights.obs_sweep import _lowest_removed
+from sparsec.weights.sparsegpt_solver import relative_errors, sparsegpt_prune
 
 
 def correlated_inputs(rng: np.random.Generator, samples: int, k: int) -> np.ndarray:

@@ -80,6 +80,8 @@ def _layer(rows, k, samples, seed, dead=()):
     (24, 64, 16, 0.5, 4),
     (40, 96, 32, 0.3, 5),
     (17, 80, 80, 0.7, 6),
+    (6, 128, 16, (2, 4), 9),  # few rows against K: swept on the Cholesky factor (obs_sweep_factored)
+    (5, 160, 32, 0.5, 10),
 ])
 def test_solver_equals_reference(rows, k, block, pattern, seed):
     nm = isinstance(pattern, tuple)
@@ -109,14 +111,14 @@ def test_solve_runs_with_one_blas_thread(monkeypatch):
     """The per-layer solve limits BLAS threads (oversubscribed OpenBLAS pools spin against each other)."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
     seen = []
-    real = sparsegpt_solver._obs_sweep
+    real = sparsegpt_solver.obs_sweep
 
     def spy(*args, **kwargs):
         seen.append({i["internal_api"]: i["num_threads"] for i in threadpoolctl.threadpool_info()
                      if i["user_api"] == "blas"})
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sparsegpt_solver, "_obs_sweep", spy)
+    monkeypatch.setattr(sparsegpt_solver, "obs_sweep", spy)
     w, gram, count = _layer(8, 16, samples=64, seed=8)
     sparsegpt_prune(w, gram, count, n=2, m=4, block_size=16)
     assert seen and all(v == sparsegpt_solver.SOLVE_THREADS for v in seen[0].values())

@@ -13,7 +13,7 @@ from sparsec.runtime.progress import Progress
 from sparsec.runtime.scale_out import ScaleOut, ordered_map
 from sparsec.weights.scores import as_rows, from_rows
 from sparsec.weights.selection import PruneTarget
-from sparsec.weights.sparsegpt_solver import sparsegpt_prune
+from sparsec.weights.sparsegpt_solver import sparsegpt_prune_shared
 
 from .prune_weights import PrunedWeight, PruneWeightsPass, finite_targets
 
@@ -74,9 +74,12 @@ class SparseGPTPass:
         jobs = self._jobs(ctx, index, calib, ratios, solved, patched)
         with Progress(len(solved), "sparsegpt", enabled=self.progress if solved else False,
                       unit="layers") as bar:
-            for (target, tensor, stored, shape, patch), res in ordered_map(self.scale, sparsegpt_prune, jobs):
-                bar.update()
-                done.append(self._write(ctx, calib, target, tensor, stored, shape, patch, res))
+            for keys, results in ordered_map(self.scale, sparsegpt_prune_shared, jobs):
+                for (target, tensor, stored, shape, patch), res in zip(keys, results, strict=True):
+                    bar.update()
+                    done.append(self._write(ctx, calib, target, tensor, stored, shape, patch, res))
+        position = {t.weight: i for i, t in enumerate(solved)}
+        done.sort(key=lambda p: position[p.weight])  # the report in layer order, whatever the grouping
         if fallback:
             wanda_pass = PruneWeightsPass(fallback, nm=self.nm, sparsity=self.sparsity, method="wanda")
             quantized = {t.weight for t in fallback if t.layer.source.dequant is not None}
@@ -105,18 +108,26 @@ class SparseGPTPass:
 
     def _jobs(self, ctx: PassContext, index: GraphIndex, calib, ratios: dict, targets: list[PruneTarget],
               patched: set[str]):
-        """One solve per layer, read lazily: (what the write-back needs, args, kwargs) for ordered_map.
-        The solves are independent, so --workers/--ray run them as Ray tasks."""
+        """One solve per Gram matrix, its weights read lazily: (what each write-back needs, args, kwargs) for
+        ordered_map. Layers reading the same input (Q, K and V) share one factorisation of H (and with N:M
+        one sweep); the solves are independent, so --workers/--ray run them as Ray tasks."""
+        shared: dict[int, list] = {}  # id of the Gram matrix -> its layers, in layer order
         for target in targets:
-            layer = target.layer
-            patch = layer.name in patched
-            stats = calib.patches[layer.name] if patch else calib.layers[layer.name]
-            tensor = index.constant(layer.source)
-            stored = ctx.store.read(tensor)
-            effective = to_effective(stored, layer.source.steps)
-            sparsity = ratios.get(target.weight, self.sparsity)
-            rows = _patch_rows(effective) if patch else as_rows(layer, effective)
-            kwargs = {"sparsity": None if self.nm else sparsity, "n": self.nm.n if self.nm else None,
+            patch = target.layer.name in patched
+            stats = calib.patches[target.layer.name] if patch else calib.layers[target.layer.name]
+            shared.setdefault(id(stats.gram), []).append((target, patch, stats))
+        for members in shared.values():
+            keys, weights, sparsities = [], [], []
+            for target, patch, _ in members:
+                layer = target.layer
+                tensor = index.constant(layer.source)
+                stored = ctx.store.read(tensor)
+                effective = to_effective(stored, layer.source.steps)
+                weights.append(_patch_rows(effective) if patch else as_rows(layer, effective))
+                sparsities.append(ratios.get(target.weight, self.sparsity))
+                keys.append((target, tensor, stored, effective.shape, patch))
+            stats = members[0][2]
+            kwargs = {"sparsity": None if self.nm else sparsities, "n": self.nm.n if self.nm else None,
                       "m": self.nm.m if self.nm else None, "block_size": self.block_size,
-                      "percdamp": self.damp}
-            yield (target, tensor, stored, effective.shape, patch), (rows, stats.gram, stats.rows), kwargs
+                      "percdamp": self.damp, "error_before": False}  # the report shows the error after
+            yield keys, (weights, stats.gram, stats.rows), kwargs
