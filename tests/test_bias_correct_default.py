@@ -118,3 +118,25 @@ def test_a_default_correction_that_hurts_held_back_samples_is_left_out(tmp_path)
             for d in ("out", "plain", "forced")}
     np.testing.assert_array_equal(outs["out"], outs["plain"])  # nothing of the correction written
     assert "guard" not in _step(forced) and np.abs(outs["forced"] - outs["plain"]).max() > 0.1
+
+
+def test_a_default_correction_deeper_than_its_budget_is_left_out_and_said(tmp_path):
+    """One onnxruntime pass per depth level: a 34-layer chain is past DEFAULT_MAX_LEVELS, so the default
+    is left out with the reason (no pass runs); --bias-correct still corrects every layer."""
+    from sparsec.recipes.correct_step import DEFAULT_MAX_LEVELS
+
+    rng = np.random.default_rng(4)
+    depth = DEFAULT_MAX_LEVELS + 2
+    nodes, inits, x = [], {}, "x"
+    for i in range(depth):
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"], f"fc{i}"),
+                  helper.make_node("Relu", [f"h{i}"], [f"r{i}"], f"relu{i}")]
+        inits[f"w{i}"], x = rng.standard_normal((8, 8)) / np.sqrt(8), f"r{i}"
+    onnx.save(make_model(nodes, {"x": ("N", 8)}, [x], inits), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 8)).astype(np.float32) + 1.0)
+    step = _step(_compile(tmp_path, "out", calib=tmp_path / "calib.npz", method="wanda"))
+    assert step["passes"] == [] and not step["modified"]
+    assert step["skipped"].startswith(f"default bias correction left out: the pruned layers lie at {depth} ")
+    forced = _step(_compile(tmp_path, "forced", calib=tmp_path / "calib.npz", method="wanda",
+                            bias_correct=True))
+    assert forced["levels"] == depth and len(forced["layers"]) == depth

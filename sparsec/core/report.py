@@ -179,7 +179,8 @@ def _step_lines(steps: list[dict]) -> list[str]:
         else:  # the correct stage: per-channel output means against the dense graph's
             gaps = ", ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in o.items() if isinstance(v, float))
             check = f"; oracle vs dense means: {gaps}" if gaps else ""
-        lines.append(f"step {s['name']}: {s['plan']}{check}")
+        said = s.get("skipped") or s.get("nothing")  # a step that did nothing says why in its line
+        lines.append(f"step {s['name']}: {said if said and not s.get('modified') else s['plan']}{check}")
         lines += [f"  {k.replace('_', ' ')}: {v}" for k, v in (s.get("defaults") or {}).items()]
     return lines
 

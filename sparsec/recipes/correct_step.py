@@ -9,8 +9,12 @@ from sparsec.core.names import node_ids
 from sparsec.core.options import CorrectOptions
 from sparsec.recipes.compile_run import CompileRun
 from sparsec.recipes.step_plans import StepPlan
-from sparsec.weights.correct_pass import CorrectPass
+from sparsec.weights.correct_pass import CorrectPass, correction_points
 from sparsec.weights.sensitivity import split_calibration
+
+# a default correction costs one onnxruntime pass per depth level: past this many (a 66-level detector
+# took 113 s against Wanda's 5 s) it is left out, said, and --bias-correct forces it
+DEFAULT_MAX_LEVELS = 32
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,14 @@ def correct_step(run: CompileRun, opts: CorrectOptions) -> dict:
                 "oracle": None, "nothing": None, "skipped": "no layer was pruned", "layers": [],
                 "batchnorms": [], "levels": 0, "samples": 0}
     default = bias and opts.bias_correct is None
+    depth = len(correction_points(graph, outputs, affine, False)[0]) if default else 0
+    if default and not opts.bn_reestimate and depth > DEFAULT_MAX_LEVELS:
+        run.dense = None
+        return {"name": "correct", "plan": str(CorrectPlan(0, 0, False)), "passes": [], "modified": False,
+                "oracle": None, "nothing": None, "layers": [], "batchnorms": [], "levels": 0, "samples": 0,
+                "skipped": f"default bias correction left out: the pruned layers lie at {depth} depths, "
+                           f"one onnxruntime pass each (more than {DEFAULT_MAX_LEVELS}; --bias-correct "
+                           "forces it)"}
     plan = CorrectPlan(len(outputs), len(affine), opts.bn_reestimate,
                        "; bias correction on (default with calibration data, kept if held-back outputs agree "
                        "better)" if default and not opts.bn_reestimate else
