@@ -47,9 +47,7 @@ def filter_scores(model: onnx.ModelProto, store: TensorStore, analysis: ChannelA
                 raise ValueError("act scores need calibration statistics")
             raw = np.array([act_energy.get(e, 0.0) for e in range(s.first, s.first + s.channels)])
         if raw is None:
-            w = _weight(model, store, index, s)
-            moved = np.moveaxis(w.astype(np.float64), _out_axis(model, s), 0).reshape(s.channels, -1)
-            raw = np.sqrt((moved**2).mean(1)) if method == "l2" else np.abs(moved).mean(1)
+            raw = _filter_norms(_weight(model, store, index, s), _out_axis(model, s), s.channels, method)
             if s.name in bn_gain:  # score the filter as it acts after BatchNorm (γ/σ folded in)
                 raw = raw * bn_gain[s.name]
         mean = float(np.mean(raw))
@@ -144,6 +142,18 @@ def _per_source(members: list[int], src_of: dict[int, Source]) -> dict[str, int]
     out: dict[str, int] = {}
     for e in members:
         out[src_of[e].name] = out.get(src_of[e].name, 0) + 1
+    return out
+
+
+def _filter_norms(w: np.ndarray, axis: int, channels: int, method: str) -> np.ndarray:
+    """Per output channel mean |w| (l1) or RMS (l2), in float64 a block of channels at a time: a float64
+    copy of a large weight (an LM head, memory-mapped from the data file) would cost twice its size."""
+    moved = np.moveaxis(w, axis, 0).reshape(channels, -1)
+    step = max(1, 2**24 // max(moved.shape[1], 1))  # about 128 MB of float64 per block
+    out = np.empty(channels)
+    for i in range(0, channels, step):
+        block = moved[i:i + step].astype(np.float64)
+        out[i:i + step] = np.sqrt((block**2).mean(1)) if method == "l2" else np.abs(block).mean(1)
     return out
 
 

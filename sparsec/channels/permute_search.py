@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from sparsec.channels.channel_state import ChannelAnalysis, SliceCut, Source, SplitCut
 
@@ -127,6 +126,8 @@ def search_order(rows: np.ndarray, n: int, m: int, seed: int = 0, seconds: float
     if k < 2 * m:
         return order, before, before
     groups = k // m
+    from scipy.optimize import linear_sum_assignment  # 0.5 s of import: only when --permute runs
+
     rng = np.random.default_rng(seed)
     start, idle = time.perf_counter(), 0
     for _ in range(MAX_ROUNDS):

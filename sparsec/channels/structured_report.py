@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+
+import onnx
 
 from sparsec.core.graph_index import GraphIndex
 from sparsec.core.layers import Layer, LayerAnalysis, find_layers
@@ -10,8 +12,9 @@ from sparsec.core.macs import all_layer_macs
 from sparsec.core.names import node_ids
 from sparsec.core.pipeline import PassContext
 from sparsec.core.report import LayerEntry, Report, totals
+from sparsec.core.tensors import TensorStore
 from sparsec.runtime.observe import layer_shapes
-from sparsec.runtime.session import make_session, make_session_from_proto, random_feeds, run_checked
+from sparsec.runtime.session import random_feeds, run_checked, session_on_store
 from sparsec.runtime.verify import compare_outputs
 
 
@@ -113,17 +116,31 @@ def _inexact(plan) -> list[str]:
     return out
 
 
-def verify_masked(masked_model, pruned_path, fixed: dict, seed: int, recovered: bool = False,
-                  ranges: dict[str, tuple[float, float]] | None = None) -> dict:
-    """The oracle: the smaller model (a path, or an in-memory model) against the dense model with the
-    same filters zeroed."""
-    in_memory = hasattr(pruned_path, "graph")
-    pruned = make_session_from_proto(pruned_path) if in_memory else make_session(pruned_path)
-    masked = make_session_from_proto(masked_model)
-    feeds = random_feeds(pruned, fixed, seed, ranges=ranges)
-    names = [o.name for o in pruned.get_outputs()]
-    diffs = compare_outputs(run_checked(masked, names, feeds, "the masked model"),
-                            run_checked(pruned, names, feeds, "the pruned model"), names)
+@dataclass(frozen=True)
+class MaskedRun:
+    """The masked twin's outputs on the oracle's random inputs."""
+
+    feeds: dict
+    names: list[str]
+    outputs: list
+
+
+def run_masked(masked: onnx.ModelProto, store: TensorStore, fixed: dict, seed: int,
+               ranges: dict[str, tuple[float, float]] | None = None) -> MaskedRun:
+    """Run the masked twin (the dense graph with the removed parts zeroed) before the step's passes:
+    its session, fed from the data file by reference, never coexists with the pruned weights."""
+    session = session_on_store(masked, store)
+    feeds = random_feeds(session, fixed, seed, ranges=ranges)
+    names = [o.name for o in session.get_outputs()]
+    return MaskedRun(feeds, names, run_checked(session, names, feeds, "the masked model"))
+
+
+def verify_masked(before: MaskedRun, model: onnx.ModelProto, store: TensorStore, recovered: bool = False
+                  ) -> dict:
+    """The oracle: the smaller graph (run in place on its store) against the dense model with the same
+    filters zeroed (`run_masked`)."""
+    pruned = run_checked(session_on_store(model, store), before.names, before.feeds, "the pruned model")
+    diffs = compare_outputs(before.outputs, pruned, before.names)
     return {"max_abs_diff": max((d.max_abs_diff for d in diffs), default=0.0),
             "outputs": [asdict(d) for d in diffs],
             "recovered": recovered,

@@ -8,7 +8,9 @@ rewritten ones aside, and `save_model` streams every tensor into the new data fi
 from __future__ import annotations
 
 import math
+import os
 import re
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from onnx import helper, numpy_helper
 from sparsec.errors import SparsecError
 
 INLINE_LIMIT = 1024  # bytes; smaller tensors stay inside the .onnx when writing external data
+SPILL_MIN = 1 << 20  # bytes; smaller rewrites stay in memory when spilling (see spill_rewrites)
 ALIGN = 64
 
 
@@ -58,6 +61,7 @@ class TensorStore:
     def __init__(self, base_dir: Path) -> None:
         self.base_dir = Path(base_dir)
         self._pending: dict[int, tuple[onnx.TensorProto, np.ndarray]] = {}
+        self._scratch = None  # spill_rewrites(): the unlinked file holding rewritten values
 
     def read(self, tensor: onnx.TensorProto) -> np.ndarray:
         """The tensor's values; read-only, never a copy the caller may rely on writing."""
@@ -96,9 +100,34 @@ class TensorStore:
                                "the .data file does not match the model") from None
         return arr.reshape(dims)
 
+    def prefetch(self, tensor: onnx.TensorProto) -> None:
+        """Start reading an on-disk tensor's bytes in the background (posix_fadvise WILLNEED), so a
+        pass that reads weights one by one overlaps the next one's disk reads with this one's work."""
+        info = external_info(tensor)
+        if info is None or id(tensor) in self._pending or not hasattr(os, "posix_fadvise"):
+            return
+        nbytes = math.prod(tensor.dims) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        try:
+            fd = os.open(external_path(self.base_dir, tensor), os.O_RDONLY)
+        except OSError:
+            return  # read() names the missing file
+        try:
+            os.posix_fadvise(fd, int(info.get("offset", 0)), nbytes, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+    def spill_rewrites(self) -> None:
+        """From now on keep rewritten external tensors in an unlinked scratch file, mapped read-only,
+        instead of in memory: a pass that rewrites a large model weight by weight (SparseGPT
+        --sequential) then holds one weight at a time, and onnxruntime reads the rest from pages."""
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryFile(prefix="sparsec-rewrites-")
+
     def write(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
         """Replace a tensor's values (same dtype and shape)."""
         if external_info(tensor) is not None:
+            if self._scratch is not None and values.nbytes >= SPILL_MIN:
+                values = _spilled(self._scratch, np.ascontiguousarray(values))
             self._pending[id(tensor)] = (tensor, values)
             return
         for field in ("float_data", "int32_data", "double_data", "int64_data", "uint64_data"):
@@ -168,6 +197,16 @@ class TensorStore:
                     yield tensor, values
 
         write_aligned(items(), data_path)
+
+
+def _spilled(scratch, values: np.ndarray) -> np.ndarray:
+    """`values` appended to the scratch file, 64-byte aligned, as a read-only map of it."""
+    scratch.seek(0, os.SEEK_END)
+    scratch.write(b"\0" * (-scratch.tell() % ALIGN))
+    start = scratch.tell()
+    scratch.write(values.reshape(-1).view(np.uint8).data)
+    scratch.flush()
+    return np.memmap(scratch, dtype=values.dtype, mode="r", offset=start, shape=values.shape)
 
 
 def write_aligned(items: Iterable[tuple[onnx.TensorProto, np.ndarray]], data_path: Path) -> None:

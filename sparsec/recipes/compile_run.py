@@ -104,6 +104,6 @@ class CompileRun:
         return results
 
     def snapshot(self) -> onnx.ModelProto:
-        """A self-contained copy of the graph as it is now (the structural oracle's subject)."""
+        """A self-contained copy of the graph as it is now (the correct stage's dense reference)."""
         return inline_copy(self.ctx.model, self.ctx.store)
 

@@ -13,7 +13,7 @@ from sparsec.channels.fold_bn import FoldBatchNormPass
 from sparsec.channels.permute_channels import PermuteChannelsPass
 from sparsec.channels.prune_channels import PruneChannelsPass
 from sparsec.channels.structured import plan_structured
-from sparsec.channels.structured_report import verify_masked
+from sparsec.channels.structured_report import MaskedRun, run_masked, verify_masked
 from sparsec.core.options import (
     ChannelsOptions,
     EncodeOptions,
@@ -45,7 +45,6 @@ from sparsec.weights.check_pattern import CheckPatternPass
 from sparsec.weights.owl import OwlPass
 from sparsec.weights.prune_weights import PruneWeightsPass
 from sparsec.weights.selection import depth_levels, nothing_pruned
-from sparsec.weights.sparsegpt_pass import SparseGPTPass
 
 
 def _entry(name: str, plan: StepPlan, results, oracle: dict | None = None, **extra) -> dict:
@@ -61,15 +60,22 @@ def _timed(run: CompileRun, check):
         run.timings["verify_s"] = run.timings.get("verify_s", 0.0) + time.perf_counter() - start
 
 
-def _masked_oracle(run: CompileRun, masked, recovered: bool = False) -> dict | None:
-    """The structural step's oracle: the graph right after the step against the graph before it
-    with the removed parts masked to zero (later stages do not blur it)."""
-    run.oracle.forget()  # the next step's reference is the graph this step left
+def _masked_before(run: CompileRun, masked: tuple | None) -> MaskedRun | None:
+    """The structural step's reference, run before its passes: the masked twin (model, store) of the
+    graph before the step, so its session and the pruned weights are never in memory together."""
     if masked is None or not run.shared.verify:
         return None
     shared = run.shared
-    result = _timed(run, lambda: verify_masked(masked, run.snapshot(), run.fixed, shared.seed, recovered,
-                                               shared.calib_range))
+    return _timed(run, lambda: run_masked(*masked, run.fixed, shared.seed, shared.calib_range))
+
+
+def _masked_oracle(run: CompileRun, before: MaskedRun | None, recovered: bool = False) -> dict | None:
+    """The structural step's oracle: the graph right after the step (run in place on its store)
+    against the graph before it with the removed parts masked to zero (later stages do not blur it)."""
+    run.oracle.forget()  # the next step's reference is the graph this step left
+    if before is None:
+        return None
+    result = _timed(run, lambda: verify_masked(before, run.ctx.model, run.ctx.store, recovered))
     run.masked_oracle = result
     return {"max_abs_diff": result["max_abs_diff"], "against": "the graph before this step, masked"}
 
@@ -96,6 +102,7 @@ def transformer_step(run: CompileRun, opts: TransformerOptions) -> dict:
                             ranges=run.shared.calib_range)
     masked = plan.masked(run.ctx.model, run.ctx.store)
     run.timings["analyze_s"] += time.perf_counter() - start
+    masked = _masked_before(run, masked)
     results = run.run_passes(plan.passes())
     run.structural = ("transformer", plan, before, run.ctx.model)
     typed = TransformerStepPlan(
@@ -121,6 +128,7 @@ def channels_step(run: CompileRun, opts: ChannelsOptions) -> dict:
     plan = plan_structured(run.ctx.model, run.ctx.store, opts, run.fixed, run.calibration(),
                            seed=run.shared.seed, ranges=run.shared.calib_range)
     run.timings["analyze_s"] += time.perf_counter() - start
+    masked = _masked_before(run, (plan.compensation.masked, plan.compensation.store))
     results = run.run_passes([PruneChannelsPass(plan.analysis, plan.choice.removed,
                                                 {} if opts.recover else plan.compensation.constants,
                                                 plan.recovery)])
@@ -134,7 +142,7 @@ def channels_step(run: CompileRun, opts: ChannelsOptions) -> dict:
         "nothing removed: every channel group is kept whole"
         + (f" ({len(reasons)} reasons, first: {reasons[0]})" if reasons else ""))
     defaults = run.options.channel_defaults  # what the data decided (--channel-score, --recover)
-    return _entry("channels", typed, results, _masked_oracle(run, plan.compensation.masked, opts.recover),
+    return _entry("channels", typed, results, _masked_oracle(run, masked, opts.recover),
                   nothing=nothing, **({"defaults": defaults} if defaults else {}))
 
 
@@ -219,6 +227,8 @@ def weight_passes(options: WeightsOptions, targets, model, settings) -> list:
             passes.append(CalibratePass(group, settings, gram=gram,
                                         level=level if options.sequential else None))
         if gram:
+            from sparsec.weights.sparsegpt_pass import SparseGPTPass  # scipy.linalg: 0.5 s of import
+
             passes.append(SparseGPTPass(group, nm=options.nm, sparsity=options.sparsity,
                                         block_size=options.block_size, damp=options.damp,
                                         scale=settings.scale if settings is not None else None,

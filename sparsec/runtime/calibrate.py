@@ -21,6 +21,7 @@ from sparsec.runtime.instrument import (
     plan_stats,
     subgraph_reads,
 )
+from sparsec.runtime.level_cut import CutPlan, LevelCut, advance, plan_cut
 from sparsec.runtime.observe import observe_shapes
 from sparsec.runtime.progress import Progress
 from sparsec.runtime.scale_out import ScaleOut, sharded_sums
@@ -66,8 +67,11 @@ class CalibrationSettings:
 
 
 def collect_stats(model: onnx.ModelProto, store: TensorStore, layers: list[Layer],
-                  settings: CalibrationSettings, gram_for: set[str] = frozenset()) -> CalibrationStats:
-    """Statistics of every layer's input over all calibration samples."""
+                  settings: CalibrationSettings, gram_for: set[str] = frozenset(),
+                  cut: LevelCut | None = None) -> CalibrationStats:
+    """Statistics of every layer's input over all calibration samples.
+
+    `cut` (--sequential): start from the values the previous level kept, and keep this level's."""
     start = time.perf_counter()
     if not settings.fixed_shapes:  # symbolic dims as 1: ranks then come from inference, not a run
         settings = replace(settings, fixed_shapes=fixed_input_shapes(model, {}))
@@ -86,13 +90,20 @@ def collect_stats(model: onnx.ModelProto, store: TensorStore, layers: list[Layer
         return CalibrationStats({}, 0, time.perf_counter() - start,
                                 {name: "the rank of its input is unknown" for name in unknown})
     graph = instrumented_graph(model, spec_list, ranks, {k: v[0] for k, v in types.items()})
+    plan = plan_cut(model, graph, cut) if cut is not None and settings.scale is None else None
+    graph = plan.graph if plan is not None else graph
     used = {i for n in graph.graph.node for i in [*n.input, *subgraph_reads(n)]}  # outer scope too
     tensors = [t for t in model.graph.initializer if t.name in used]
     with Progress(settings.data.num_samples, "calibrating", enabled=settings.progress) as bar:
         batches = settings.data.sized_batches(settings.batch)
         if settings.scale is None:
             session = session_with_values(graph, tensors, store, list(settings.providers))
-            total = _accumulate(session, [o.name for o in graph.graph.output], spec_list, batches, bar.update)
+            names = [o.name for o in graph.graph.output]
+            if plan is None:
+                total = _accumulate(session, names, spec_list, batches, bar.update)
+            else:
+                total, fetched = _accumulate_cut(session, names, spec_list, batches, bar.update, cut, plan)
+                advance(model, cut, plan, fetched)
         else:
             total = sharded_sums(settings.scale, graph, tensors, store, spec_list, batches,
                                  list(settings.providers), bar.update)
@@ -120,6 +131,22 @@ def _accumulate(session, names: list[str], spec_list: list[StatSpec], batches, d
         total.add(dict(zip(names, outs, strict=True)), n)
         done(n)
     return total
+
+
+def _accumulate_cut(session, names: list[str], spec_list: list[StatSpec], batches, done, cut: LevelCut,
+                    plan: CutPlan) -> tuple[StatSums, dict[str, list[np.ndarray]]]:
+    """`_accumulate` on a graph cut at the kept values: each batch also feeds those and fetches the next."""
+    total = StatSums(spec_list)
+    inputs = {i.name for i in session.get_inputs()}
+    fetched: dict[str, list[np.ndarray]] = {name: [] for name in plan.fetch}
+    for b, (n, feeds) in enumerate(batches):
+        feeds = {k: v for k, v in feeds.items() if k in inputs} | {k: cut.values[k][b] for k in plan.fed}
+        outs = dict(zip(names, run_checked(session, names, feeds, "the calibration graph"), strict=True))
+        for name in plan.fetch:
+            fetched[name].append(outs.pop(name))
+        total.add(outs, n)
+        done(n)
+    return total, fetched
 
 
 def _stats(spec: StatSpec, sums, rows, grams) -> ActivationStats:

@@ -7,8 +7,8 @@ import onnx
 
 from sparsec.core.macs import layer_tensors
 from sparsec.core.shapes import infer_dims, infer_shapes
-from sparsec.core.tensors import TensorStore, inline_copy
-from sparsec.runtime.session import make_session_from_proto, random_feeds
+from sparsec.core.tensors import TensorStore
+from sparsec.runtime.session import random_feeds, session_on_store
 
 
 def observe_shapes(model: onnx.ModelProto, store: TensorStore, fixed: dict[str, tuple[int, ...]],
@@ -20,15 +20,8 @@ def observe_shapes(model: onnx.ModelProto, store: TensorStore, fixed: dict[str, 
     """
     if not names:
         return {}
-    probe = inline_copy(model, store)
-    if probe.ByteSize() >= 2**31:
-        return {}
-    existing = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in existing:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    try:
-        session = make_session_from_proto(probe)
+    try:  # the values stay in the data file and the store: one inference's memory at any size
+        session = session_on_store(model, store, names)
         values = session.run(names, random_feeds(session, fixed))
     except Exception:  # best effort: unknown shapes stay unknown MACs
         return {}

@@ -150,6 +150,8 @@ def session_with_values(model: onnx.ModelProto, tensors: list[onnx.TensorProto],
         keep.append(array)
     if names:
         opts.add_external_initializers(names, values)
+    if sum(a.nbytes for a in keep) >= PREPACK_LIMIT:  # MatMul would keep a packed copy of each fed weight
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     try:
         session = ort.InferenceSession(model.SerializeToString(), opts,
                                        providers=providers or ["CPUExecutionProvider"])
@@ -160,20 +162,29 @@ def session_with_values(model: onnx.ModelProto, tensors: list[onnx.TensorProto],
     return session
 
 
-def session_on_store(model: onnx.ModelProto, store: TensorStore) -> ort.InferenceSession:
+def session_on_store(model: onnx.ModelProto, store: TensorStore, outputs=()) -> ort.InferenceSession:
     """A CPU session on the graph as it is now, its initializers fed from the store (pending
-    rewrites included): no inline copy of the model is made or serialized, at any size."""
+    rewrites included): no inline copy of the model is made or serialized, at any size. `outputs`:
+    intermediate tensors to add as graph outputs (a probe), on the session's own copy of the graph."""
     if any(external_info(t) is not None for node in model.graph.node for a in node.attribute
            if a.type == onnx.AttributeProto.TENSOR for t in [a.t]) or \
             any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                 for node in model.graph.node for a in node.attribute):
-        return make_session_from_proto(inline_copy(model, store))  # values outside the initializers
+        # values outside the initializers
+        return make_session_from_proto(_with_outputs(inline_copy(model, store), outputs))
     light = onnx.ModelProto()
     light.CopyFrom(model)
     del light.graph.initializer[:]
-    return session_with_values(light, list(model.graph.initializer), store)
+    return session_with_values(_with_outputs(light, outputs), list(model.graph.initializer), store)
 
 
+def _with_outputs(model: onnx.ModelProto, outputs) -> onnx.ModelProto:
+    have = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(outputs) if n not in have)
+    return model
+
+
+PREPACK_LIMIT = 2**30  # bytes of fed values past which onnxruntime's packed copies would double them
 _ORT_VALUE_DTYPES = {"float32", "float16", "float64", "int64", "int32", "int8", "uint8"}
 
 

@@ -107,13 +107,16 @@ def compare_outputs(dense: list[np.ndarray], other: list[np.ndarray], names: lis
         a64 = np.asarray(a, dtype=np.float64).ravel()
         b64 = np.asarray(b, dtype=np.float64).ravel()
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf outputs: flagged as degenerate
-            d = np.abs(a64 - b64)
+            d = np.subtract(a64, b64)
+            np.abs(d, out=d)  # in place: a language model's logits are hundreds of MB in float64
+        max_d, mean_d = (float(d.max()), float(d.mean())) if d.size else (0.0, 0.0)
+        del d
         denom = float(np.linalg.norm(a64) * np.linalg.norm(b64))
         cosine = float(a64 @ b64 / denom) if denom > 0 else float(np.array_equal(a64, b64))
         diffs.append(OutputDiff(
             name=name,
-            max_abs_diff=float(d.max()) if d.size else 0.0,
-            mean_abs_diff=float(d.mean()) if d.size else 0.0,
+            max_abs_diff=max_d,
+            mean_abs_diff=mean_d,
             max_abs_dense=float(np.abs(a64).max()) if a64.size else 0.0,
             cosine=cosine,
             degenerate=degenerate(a64),

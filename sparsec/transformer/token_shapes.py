@@ -14,9 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from sparsec.core.tensors import inline_copy
 from sparsec.errors import SparsecError
-from sparsec.runtime.session import make_session_from_proto, random_feeds
+from sparsec.runtime.session import random_feeds, session_on_store
 
 # ops that act on each token alone: the cut may move up through them to the residual stream
 PER_TOKEN = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "Add", "Sub", "Mul",
@@ -70,14 +69,9 @@ def probe_shapes(model: onnx.ModelProto, shapes: dict | None, seq_inputs: list[s
 
 def observe(model: onnx.ModelProto, store, fixed: dict, names: list[str]) -> dict[str, np.ndarray]:
     """Values of `names` in one onnxruntime run on random inputs of shapes `fixed` ({} when it cannot run)."""
-    probe = inline_copy(model, store)
-    if probe.ByteSize() >= 2**31:
-        return {}
-    existing = {o.name for o in probe.graph.output}
     names = sorted(set(names))
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
-    try:
-        session = make_session_from_proto(probe)
+    try:  # the values stay in the data file and the store: one inference's memory at any size
+        session = session_on_store(model, store, names)
         values = session.run(names, random_feeds(session, fixed))
     except Exception:  # a model onnxruntime cannot run here: nothing is followed
         return {}
@@ -180,11 +174,8 @@ def _gather_axes(x: str, rank: int, axes: list[int], idx: str, new: list) -> str
 def check_runs(model: onnx.ModelProto, store, fixed: dict, dense: dict[str, np.ndarray]) -> None:
     """One run of the rewritten graph: it must run and give the dense output shapes, or nothing is
     written (a token count the graph computes in a way sparsec does not follow)."""
-    probe = inline_copy(model, store)
-    if probe.ByteSize() >= 2**31:
-        return
     try:
-        session = make_session_from_proto(probe)
+        session = session_on_store(model, store)
         outputs = session.run(None, random_feeds(session, fixed))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -11,7 +11,8 @@ from sparsec.channels.prune_channels import PruneChannelsPass
 from sparsec.channels.structured import StructuredPlan, plan_structured
 from sparsec.core.options import ChannelsOptions, TransformerOptions
 from sparsec.core.shapes import infer_dims
-from sparsec.core.tensors import TensorStore, inline_copy
+from sparsec.core.tensors import TensorStore
+from sparsec.core.twins import ZeroingStore, masked_twin
 from sparsec.errors import SparsecError
 from sparsec.runtime.observe import observe_shapes, settled_dims
 from sparsec.transformer.attention import find_attention
@@ -43,16 +44,20 @@ class TransformerPlan:
             out.append(PruneTokensPass(*self.tokens, shapes=self.fixed))
         return out
 
-    def masked(self, model: onnx.ModelProto, store: TensorStore) -> onnx.ModelProto | None:
-        """The oracle: removed neurons' filters and removed heads' output rows set to zero.
-        Token pruning changes what every later layer sees: there is no masked twin then."""
+    def masked(self, model: onnx.ModelProto, store: TensorStore
+               ) -> tuple[onnx.ModelProto, ZeroingStore] | None:
+        """The oracle: removed neurons' filters and removed heads' output rows set to zero, as a twin
+        that shares the model's values (sparsec.core.tensors.masked_twin). Token pruning changes what
+        every later layer sees: there is no masked twin then."""
         if self.tokens is not None:
             return None
-        masked = onnx.ModelProto()
-        masked.CopyFrom(self.ffn.compensation.masked if self.ffn else inline_copy(model, store))
+        if self.ffn is None:
+            masked, zeroing = masked_twin(model, store)
+        else:
+            masked, zeroing = self.ffn.compensation.masked, self.ffn.compensation.store
         if self.heads is not None:
-            masked_heads(masked, self.heads.analysis.blocks, self.heads.removed)
-        return masked
+            masked_heads(masked, zeroing, self.heads.analysis.blocks, self.heads.removed)
+        return masked, zeroing
 
 
 def plan_transformer(model: onnx.ModelProto, store: TensorStore, options: TransformerOptions, fixed: dict,

@@ -14,6 +14,7 @@ import onnx
 
 from sparsec.core.layers import find_layers
 from sparsec.core.tensors import TensorStore
+from sparsec.core.twins import ZeroingStore
 from sparsec.errors import SparsecError
 from sparsec.runtime.calib_data import input_specs
 from sparsec.runtime.calibrate import collect_stats
@@ -112,18 +113,15 @@ def plan_heads(model, store, ratio: float | None, per_layer: int | None, setting
     return HeadPlan(analysis, removed, {n: s.tolist() for n, s in scores.items()}, basis)
 
 
-def masked_heads(model: onnx.ModelProto, blocks: tuple[AttentionBlock, ...],
+def masked_heads(model: onnx.ModelProto, store: ZeroingStore, blocks: tuple[AttentionBlock, ...],
                  removed: dict[str, tuple[int, ...]]) -> None:
-    """The head oracle, in place on an inline copy: the removed heads' output rows set to zero."""
+    """The head oracle, on a masked twin: the removed heads' output rows read as zero."""
     inits = {t.name: t for t in model.graph.initializer}
     for b in blocks:
         heads = removed.get(b.name, ())
-        if not heads:
-            continue
-        w = onnx.numpy_helper.to_array(inits[b.o.weight]).copy()
-        for h in heads:
-            w[h * b.head_dim:(h + 1) * b.head_dim] = 0
-        inits[b.o.weight].CopyFrom(onnx.numpy_helper.from_array(w, b.o.weight))
+        rows = [r for h in heads for r in range(h * b.head_dim, (h + 1) * b.head_dim)]
+        if rows:
+            store.zero(inits[b.o.weight], 0, rows)
 
 
 def cost_model(blocks, ffn_width: dict[str, int], batch: int, seq: int | dict[str, int], hidden: int,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sparsec.core.pipeline import PassContext, PassResult
 from sparsec.runtime.calibrate import CalibrationSettings, CalibrationStats, collect_stats
+from sparsec.runtime.level_cut import LevelCut
 from sparsec.weights.selection import PruneTarget
 
 
@@ -31,8 +32,17 @@ class CalibratePass:
             return PassResult(self.name, False, {"layers": 0, "samples": 0, "level": self.level,
                                                  "gram": self.gram})
         gram_for = {layer.name for layer in layers} if self.gram else set()
-        stats = collect_stats(ctx.model, ctx.store, layers, self.settings, gram_for)
+        if self.level is not None:  # the levels' rewrites stay file-backed: one pruned model is not in memory
+            ctx.store.spill_rewrites()
+        cut = ctx.facts.get("calibration_cut") if self.level is not None else None
+        if self.level is not None and (cut is None or cut.level != self.level):  # a new sequence of levels
+            cut = ctx.facts["calibration_cut"] = LevelCut(self.level)
         old: CalibrationStats | None = ctx.facts.get("calibration")
+        if old is not None and self.level is not None:  # earlier levels' Gram matrices were used: free them
+            old = replace(old, layers={k: replace(v, gram=None) for k, v in old.layers.items()},
+                          patches={k: replace(v, gram=None) for k, v in old.patches.items()})
+            ctx.facts["calibration"] = old
+        stats = collect_stats(ctx.model, ctx.store, layers, self.settings, gram_for, cut)
         if old is not None:
             stats = CalibrationStats({**old.layers, **stats.layers}, stats.samples,
                                      old.seconds + stats.seconds,

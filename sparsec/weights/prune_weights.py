@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +13,7 @@ from sparsec.core.options import NMPattern
 from sparsec.core.pipeline import PassContext, PassResult
 from sparsec.errors import SparsecError
 from sparsec.weights.masks import (
+    NonFinite,
     apply_mask,
     count_nonzero,
     nm_mask,
@@ -21,6 +24,10 @@ from sparsec.weights.masks import (
 from sparsec.weights.quant import dequantize, zero_point
 from sparsec.weights.scores import magnitude, relative_error_diagonal, relative_error_gram, wanda
 from sparsec.weights.selection import PruneTarget
+
+# weights are independent and numpy frees the GIL while it sweeps one: two prune at once; more would
+# add a weight-sized score array each (Wanda) for little gain on a memory-bound sweep
+PRUNE_THREADS = min(2, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -67,15 +74,37 @@ class PruneWeightsPass:
         score = wanda(sumsq) if self.method == "wanda" else magnitude
         ratios = ctx.facts.get("layer_sparsity", {})
         pruned = []
-        for target in finite_targets(ctx, index, self.targets):
-            missing = self.method == "wanda" and target.layer.name not in sumsq
-            if missing:
+        # magnitude N:M checks NaN/±Inf on its pruning sweep: each weight is read once, not twice
+        fused = self.method == "magnitude" and self.nm is not None
+        left = ctx.facts.setdefault("left_dense", {})
+        targets = [t for t in self.targets if t.weight not in left] if fused \
+            else finite_targets(ctx, index, self.targets)
+        for target in targets:
+            if self.method == "wanda" and target.layer.name not in sumsq:
                 raise_missing(target, calib)
-            pruned.append(self._prune(ctx, index, target, score, ratios.get(target.weight), calib))
+
+        def one(i: int) -> PrunedWeight | str:
+            ahead = i + PRUNE_THREADS  # the weight after those being pruned comes off the disk meanwhile
+            if ahead < len(targets):
+                ctx.store.prefetch(index.constant(targets[ahead].layer.source))
+            return self._prune(ctx, index, targets[i], score, ratios.get(targets[i].weight), calib, fused)
+
+        pool = ThreadPoolExecutor(PRUNE_THREADS)
+        try:  # results in target order, whichever thread finished first
+            for target, done in zip(targets, pool.map(one, range(len(targets))), strict=True):
+                if isinstance(done, str):
+                    left[target.weight] = done
+                else:
+                    pruned.append(done)
+        finally:
+            pool.shutdown(cancel_futures=True)  # an error stops the weights not yet started
         modified = any(p.nonzeros != p.nonzeros_before for p in pruned)
         return PassResult(self.name, modified, {"weights": pruned})
 
-    def _prune(self, ctx, index, target: PruneTarget, score, ratio, calib) -> PrunedWeight:
+    def _prune(self, ctx, index, target: PruneTarget, score, ratio, calib, finite: bool = False
+               ) -> PrunedWeight | str:
+        """One weight pruned and written; with `finite`, the reason it is left dense when the pruning
+        sweep met NaN/±Inf."""
         layer = target.layer
         if layer.source.dequant is not None:
             return self._prune_quantized(ctx, index, target, score, ratio, calib)
@@ -83,7 +112,11 @@ class PruneWeightsPass:
         stored = ctx.store.read(tensor)
         effective = to_effective(stored, layer.source.steps)
         sparsity = self.sparsity if ratio is None else ratio
-        pruned, before, after = prune_values(layer, stored, self.nm, sparsity, self.group, score, effective)
+        try:
+            pruned, before, after = prune_values(layer, stored, self.nm, sparsity, self.group, score,
+                                                 effective, finite)
+        except NonFinite:
+            return non_finite_reason(stored) or "weight holds NaN or ±Inf values: left dense"
         pattern = str(self.nm) if self.nm is not None else f"unstructured/{self.group}"
         if after != before:
             ctx.store.write(tensor, pruned)
@@ -121,14 +154,17 @@ class PruneWeightsPass:
 
 
 def prune_values(layer, stored: np.ndarray, nm: NMPattern | None, sparsity: float | None, group: str,
-                 score, effective: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
+                 score, effective: np.ndarray | None = None, finite: bool = False
+                 ) -> tuple[np.ndarray, int, int]:
     """A (non-QDQ) stored weight as magnitude/Wanda pruning leaves it: (pruned, non-zeros before, after).
-    The pass writes it; the quality policy's sensitivity measures it without writing."""
+    The pass writes it; the quality policy's sensitivity measures it without writing. `finite` (N:M by
+    magnitude): raise masks.NonFinite on a NaN/±Inf met by the pruning sweep."""
     if effective is None:
         effective = to_effective(stored, layer.source.steps)
     if nm is not None:
         scores = None if score is magnitude else score(layer, effective)
-        new_eff, before, after = nm_prune(effective, nm.n, nm.m, layer.reduction_axis, scores)
+        new_eff, before, after = nm_prune(effective, nm.n, nm.m, layer.reduction_axis, scores,
+                                          finite and scores is None)
         return np.ascontiguousarray(to_stored(new_eff, layer.source.steps)), before, after
     keep = unstructured_mask(score(layer, effective), sparsity or 0.0, group,
                              output_axis=layer.output_axis, reduction_axis=layer.reduction_axis)
