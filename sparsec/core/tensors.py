@@ -116,6 +116,15 @@ class TensorStore:
         finally:
             os.close(fd)
 
+    def for_copy(self, model: onnx.ModelProto, copy: onnx.ModelProto) -> TensorStore:
+        """A store for `copy` (a CopyFrom of `model`) carrying this store's pending rewrites by reference:
+        the copy reads the values the original would, and nothing is copied."""
+        shared = TensorStore(self.base_dir)
+        for original, tensor in zip(iter_tensors(model.graph), iter_tensors(copy.graph), strict=True):
+            if id(original) in self._pending:
+                shared._pending[id(tensor)] = (tensor, self._pending[id(original)][1])
+        return shared
+
     def spill_rewrites(self) -> None:
         """From now on keep rewritten external tensors in an unlinked scratch file, mapped read-only,
         instead of in memory: a pass that rewrites a large model weight by weight (SparseGPT

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx
 
-from sparsec.core.tensors import TensorStore, external_info, iter_tensors
+from sparsec.core.tensors import TensorStore, external_info
 
 
 def twin(model: onnx.ModelProto, store: TensorStore) -> tuple[onnx.ModelProto, TensorStore]:
@@ -22,11 +22,7 @@ def twin(model: onnx.ModelProto, store: TensorStore) -> tuple[onnx.ModelProto, T
     tensors are copied with the graph (a model without external data is small)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # external tensors carry no values: this copies the graph
-    shared = TensorStore(store.base_dir)
-    for original, tensor in zip(iter_tensors(model.graph), iter_tensors(copy.graph), strict=True):
-        if id(original) in store._pending:
-            shared._pending[id(tensor)] = (tensor, store._pending[id(original)][1])
-    return copy, shared
+    return copy, store.for_copy(model, copy)
 
 
 class ZeroingStore(TensorStore):

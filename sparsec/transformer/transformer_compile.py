@@ -47,7 +47,7 @@ class TransformerPlan:
     def masked(self, model: onnx.ModelProto, store: TensorStore
                ) -> tuple[onnx.ModelProto, ZeroingStore] | None:
         """The oracle: removed neurons' filters and removed heads' output rows set to zero, as a twin
-        that shares the model's values (sparsec.core.tensors.masked_twin). Token pruning changes what
+        that shares the model's values (sparsec.core.twins.masked_twin). Token pruning changes what
         every later layer sees: there is no masked twin then."""
         if self.tokens is not None:
             return None
